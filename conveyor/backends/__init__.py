@@ -1,0 +1,1 @@
+"""Result backends: keep task states and return values. One module per store."""

@@ -1,0 +1,211 @@
+"""The one helper base for implementations: shared checks, derived methods, safe ``repr``.
+
+Subclassing is optional (the contract is the protocols in :mod:`conveyor.core.protocols`),
+but the bases give, for free:
+
+* capability enforcement in one place (:meth:`BrokerBase._check_publish`, ``_require``),
+* ``publish_many`` as a loop and ``fetch_many`` as a loop, for stores with no batch verb,
+* optional-capability methods that raise :class:`UnsupportedFeature` until overridden,
+* context-manager support and a ``repr`` that shows the masked URL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, ClassVar
+
+from conveyor.core.capabilities import Capability
+from conveyor.core.errors import ConfigurationError, UnsupportedFeature
+from conveyor.core.protocols import describe
+from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord, State
+from conveyor.core.urls import mask_url
+
+__all__ = ["DEFAULT_RESULT_TTL", "BrokerBase", "ResultBackendBase", "validate_queue_name"]
+
+#: Celery's ``result_expires`` default: one day.
+DEFAULT_RESULT_TTL = 86400.0
+_MAX_QUEUE_NAME = 200
+
+
+def validate_queue_name(name: str) -> str:
+    """Return ``name`` if it is a usable queue name, else raise ``ConfigurationError``."""
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"queue name must be a non-empty string, got {name!r}")
+    if len(name) > _MAX_QUEUE_NAME:
+        raise ConfigurationError(f"queue name longer than {_MAX_QUEUE_NAME} characters")
+    if any(ord(c) < 32 for c in name):
+        raise ConfigurationError(f"queue name {name!r} contains control characters")
+    return name
+
+
+class _Closable:
+    url: str = ""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {mask_url(self.url)!r}>"
+
+    def _require(self, capability: Capability, detail: str = "") -> None:
+        if capability not in self.capabilities:  # type: ignore[attr-defined]
+            raise UnsupportedFeature(describe(self), capability.value, detail)
+
+
+class BrokerBase(_Closable):
+    """Helper base for brokers. Subclasses implement the required primitives."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def _check_publish(self, envelope: Envelope, delay: float | None) -> None:
+        """Refuse what the class does not declare. Call at the top of ``publish``."""
+        if delay is not None and delay > 0 and Capability.DELAYED_DELIVERY not in self.capabilities:
+            raise UnsupportedFeature(describe(self), "delayed_delivery", f"delay={delay!r}")
+        if envelope.priority and Capability.PRIORITY not in self.capabilities:
+            raise UnsupportedFeature(describe(self), "priority", f"priority={envelope.priority}")
+        if not 0 <= envelope.priority <= 9:
+            raise ConfigurationError(f"priority must be 0-9, got {envelope.priority}")
+        if delay is not None and (delay < 0 or delay != delay):
+            raise ConfigurationError(f"delay must be a non-negative number of seconds: {delay!r}")
+
+    @staticmethod
+    def _queue_list(queues: str | Sequence[str]) -> list[str]:
+        names = [queues] if isinstance(queues, str) else list(queues)
+        if not names:
+            raise ConfigurationError("receive() needs at least one queue")
+        for name in names:
+            validate_queue_name(name)
+        return names
+
+    def publish(self, envelope: Envelope, *, queue: str, delay: float | None = None) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def publish_many(
+        self, envelopes: Iterable[Envelope], *, queue: str, delay: float | None = None
+    ) -> int:
+        """Derived: one ``publish`` per envelope. Override where the store batches."""
+        count = 0
+        for envelope in envelopes:
+            self.publish(envelope, queue=queue, delay=delay)
+            count += 1
+        return count
+
+    # ---- optional capabilities: refuse until overridden
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        self._require(Capability.LEASE_EXTENSION)
+
+    def size(self, queue: str) -> int:
+        self._require(Capability.QUEUE_SIZE)
+        return 0  # pragma: no cover - _require raised
+
+    def dead_letter_queue(self, queue: str) -> str:
+        self._require(Capability.DEAD_LETTER)
+        return ""  # pragma: no cover - _require raised
+
+
+class ResultBackendBase(_Closable):
+    """Helper base for result backends.
+
+    Attributes:
+        default_ttl: seconds a record lives when ``store`` gets ``ttl=None``; ``None`` or 0
+            keeps records until forgotten (only by explicit configuration).
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    default_ttl: float | None = DEFAULT_RESULT_TTL
+
+    def _ttl(self, ttl: float | None) -> float | None:
+        """The effective expiry in seconds for a store call, or None for "never"."""
+        effective = self.default_ttl if ttl is None else ttl
+        if effective is None or effective <= 0:
+            return None
+        return float(effective)
+
+    @staticmethod
+    def _may_replace(existing_state: str | State | None) -> bool:
+        """A stored SUCCESS is never overwritten (Celery's rule against duplicates)."""
+        return existing_state != State.SUCCESS.value
+
+    def fetch(self, task_id: str) -> ResultRecord | None:
+        raise NotImplementedError  # pragma: no cover
+
+    def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
+        """Derived: one ``fetch`` per id. Override where the store batches."""
+        found: dict[str, ResultRecord] = {}
+        for task_id in task_ids:
+            record = self.fetch(task_id)
+            if record is not None:
+                found[task_id] = record
+        return found
+
+    # ---- optional capabilities: refuse until overridden
+    def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
+        self._require(Capability.WAIT, "use conveyor.core.wait_for() to poll")
+        return None  # pragma: no cover
+
+    def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        self._require(Capability.COUNTERS)
+        return 0  # pragma: no cover
+
+    def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
+        self._require(Capability.COUNTERS)
+        return 0  # pragma: no cover
+
+    def forget_key(self, key: str) -> None:
+        self._require(Capability.COUNTERS)
+
+    def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
+        self._require(Capability.GROUPS)
+
+    def fetch_group(self, group_id: str) -> GroupRecord | None:
+        self._require(Capability.GROUPS)
+        return None  # pragma: no cover
+
+    def forget_group(self, group_id: str) -> None:
+        self._require(Capability.GROUPS)
+
+    def purge_expired(self, *, batch_size: int = 1000) -> int:
+        self._require(Capability.EXPIRY_SWEEP)
+        return 0  # pragma: no cover
+
+
+def wait_for(
+    backend: Any,
+    task_id: str,
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    max_interval: float = 1.0,
+) -> ResultRecord | None:
+    """Wait until ``task_id`` is ready or ``timeout`` passes; return the last record seen.
+
+    Uses the backend's push ``wait`` when it declares ``wait``, else polls ``fetch`` with
+    exponential backoff from ``interval`` up to ``max_interval`` seconds.
+    """
+    if Capability.WAIT in getattr(backend, "capabilities", frozenset()):
+        record: ResultRecord | None = backend.wait(task_id, timeout)
+        return record
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        record = backend.fetch(task_id)
+        if record is not None and record.ready:
+            return record
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return record
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_interval)

@@ -1,0 +1,279 @@
+"""The normative contract: what every broker and result backend must do.
+
+``docs/protocols.md`` restates this for readers; this module is the source of truth and the
+conformance suite (:mod:`conveyor.testing`) proves it.
+
+General rules for every method below:
+
+* Durations are seconds as ``float``.
+* Driver exceptions never escape: transient failures raise
+  :class:`~conveyor.core.errors.OperationalError` subclasses (retry with backoff), mistakes raise
+  :class:`~conveyor.core.errors.ConfigurationError`, undeclared features raise
+  :class:`~conveyor.core.errors.UnsupportedFeature`.
+* Every method may block on network I/O for at most the implementation's configured operation
+  timeout, except ``receive`` and ``wait``, which block for at most their ``timeout`` argument
+  plus that operation timeout.
+* Thread-safety is stated per implementation in its module docstring. Unless it says
+  otherwise, one instance may be shared by the threads of one process; it is never shared
+  across ``fork()`` (build a new one in the child).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from conveyor.core.capabilities import Capability
+from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord
+
+__all__ = [
+    "Broker",
+    "Counters",
+    "DeadLetters",
+    "ExpirySweep",
+    "Groups",
+    "LeaseExtension",
+    "QueueSize",
+    "ResultBackend",
+    "Wait",
+]
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Moves envelopes from producers to consumers, at least once, under leases.
+
+    Delivery semantics:
+
+    * ``publish`` returns only when the broker has accepted the message durably (as durable
+      as the store is): no silent loss after return.
+    * A received message is *held* by its consumer under a lease until ``ack`` (gone for good)
+      or ``reject``. Other consumers do not see a held message.
+    * If the holder dies, closes without settling, or lets the lease expire (no ``extend``),
+      the message becomes ready again and its next delivery has ``redelivered=True``.
+    * Within one queue and one priority, messages are delivered in publish order (FIFO),
+      except that redelivered messages may be delivered before newer ones.
+    * A message published with ``delay`` is never delivered before that many seconds have
+      passed, and is held by the broker, never by a consumer, until then.
+    """
+
+    capabilities: ClassVar[frozenset[Capability]]
+
+    def declare_queue(self, name: str) -> None:
+        """Create queue ``name`` if it does not exist. Idempotent.
+
+        Publishing or receiving on an undeclared queue also works on every built-in broker;
+        declaring up front lets a broker set up what it needs once.
+        """
+        ...
+
+    def publish(self, envelope: Envelope, *, queue: str, delay: float | None = None) -> None:
+        """Append ``envelope`` to ``queue``.
+
+        Args:
+            envelope: the message. ``priority`` > 0 needs the ``priority`` capability.
+            queue: target queue name.
+            delay: seconds to hold the message before it becomes deliverable; ``None`` or
+                ``0`` means now. Needs ``delayed_delivery``.
+
+        Raises:
+            UnsupportedFeature: delay or priority without the capability.
+            OperationalError: the broker could not be reached; the message was not accepted.
+        """
+        ...
+
+    def publish_many(
+        self, envelopes: Iterable[Envelope], *, queue: str, delay: float | None = None
+    ) -> int:
+        """Publish several envelopes to one queue, in as few round trips as the store allows.
+
+        Returns:
+            How many were published. On error, none or a prefix may have been accepted; the
+            exception says so where the store can tell.
+        """
+        ...
+
+    def receive(
+        self, queues: str | Sequence[str], *, max_messages: int = 1, timeout: float = 1.0
+    ) -> list[Delivery]:
+        """Take up to ``max_messages`` ready messages from ``queues``, holding each.
+
+        Blocks until at least one message is ready or ``timeout`` seconds pass; returns an
+        empty list on timeout. With several queues, a ready message of higher priority is
+        preferred, then queue order (implementations may rotate queues for fairness).
+        ``timeout=0`` polls once without blocking.
+        """
+        ...
+
+    def ack(self, delivery: Delivery) -> None:
+        """Settle ``delivery``: the message is gone for good. Idempotent.
+
+        Raises:
+            InvalidReceipt: the lease was lost (expired and the message redelivered
+                elsewhere) where the broker can tell; the message was not lost, it will be (or
+                was) processed again.
+        """
+        ...
+
+    def reject(self, delivery: Delivery, *, requeue: bool = False, reason: str = "") -> None:
+        """Give ``delivery`` back.
+
+        ``requeue=True`` makes it ready again now (its next delivery is ``redelivered``).
+        ``requeue=False`` drops it, or moves it to the dead-letter queue when the broker has
+        ``dead_letter`` (``reason`` is recorded where the store allows). Idempotent.
+        """
+        ...
+
+    def purge(self, queue: str) -> int:
+        """Delete every ready and delayed message of ``queue``; return how many.
+
+        Messages currently held by consumers are not touched.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release held messages (they become ready, ``redelivered``) and connections.
+
+        Idempotent. After close, other methods raise ``ConnectionLost``.
+        """
+        ...
+
+
+@runtime_checkable
+class LeaseExtension(Protocol):
+    """Capability ``lease_extension``."""
+
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Renew the lease on a held delivery so it stays held ``seconds`` from now.
+
+        Raises:
+            InvalidReceipt: the delivery is no longer held by this consumer.
+        """
+        ...
+
+
+@runtime_checkable
+class QueueSize(Protocol):
+    """Capability ``queue_size``."""
+
+    def size(self, queue: str) -> int:
+        """Count the ready messages of ``queue`` (not held, not delayed, not dead)."""
+        ...
+
+
+@runtime_checkable
+class DeadLetters(Protocol):
+    """Capability ``dead_letter``."""
+
+    def dead_letter_queue(self, queue: str) -> str:
+        """Name of the queue that ``reject(requeue=False)`` on ``queue`` moves messages to.
+
+        It is an ordinary queue: receive, ack, purge and size work on it.
+        """
+        ...
+
+
+@runtime_checkable
+class ResultBackend(Protocol):
+    """Keeps the state and outcome of tasks, with an expiry, readable by id.
+
+    Semantics:
+
+    * ``store`` replaces the previous record of the same id, except that a stored SUCCESS is
+      never replaced (a redelivered duplicate must not overwrite a finished result).
+    * Every record expires: ``ttl`` seconds after it was stored (``None``: the backend's
+      configured default, one day unless configured). Expired records are never returned.
+    * ``fetch`` of an unknown or expired id returns ``None`` (the runtime reports PENDING).
+    """
+
+    capabilities: ClassVar[frozenset[Capability]]
+
+    def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
+        """Save ``record`` under ``record.task_id``. See the class docstring."""
+        ...
+
+    def fetch(self, task_id: str) -> ResultRecord | None:
+        """Return the record for ``task_id`` or ``None``. Non-blocking apart from I/O."""
+        ...
+
+    def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
+        """Return the records found for ``task_ids`` (missing ids are absent), in one round
+        trip where the store allows."""
+        ...
+
+    def forget(self, task_id: str) -> None:
+        """Delete the record for ``task_id``. Idempotent."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Wait(Protocol):
+    """Capability ``wait``: push notification when a result is stored."""
+
+    def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
+        """Block until ``task_id`` has a ready record or ``timeout`` seconds pass.
+
+        Returns the ready record, or the latest non-ready record (or ``None``) on timeout.
+        """
+        ...
+
+
+@runtime_checkable
+class Counters(Protocol):
+    """Capability ``counters``: atomic cross-process counting for chord joins."""
+
+    def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """Atomically add ``amount`` to counter ``key`` (missing counts as 0); return it.
+
+        Prefer :meth:`add_member` for joins: a redelivered task increments twice.
+        """
+        ...
+
+    def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
+        """Atomically add ``member`` to set ``key``; return the set's size afterwards.
+
+        Adding a member twice counts it once, so at-least-once redelivery cannot make a join
+        fire early. Both forms refresh ``ttl``.
+        """
+        ...
+
+    def forget_key(self, key: str) -> None:
+        """Delete counter or set ``key``. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Groups(Protocol):
+    """Capability ``groups``: group (Celery "taskset") membership records."""
+
+    def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
+        """Save the membership of ``record.group_id``."""
+        ...
+
+    def fetch_group(self, group_id: str) -> GroupRecord | None:
+        """Return the group or ``None`` if unknown or expired."""
+        ...
+
+    def forget_group(self, group_id: str) -> None:
+        """Delete the group record (not its members' results). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class ExpirySweep(Protocol):
+    """Capability ``expiry_sweep``: stores without native expiry delete in batches."""
+
+    def purge_expired(self, *, batch_size: int = 1000) -> int:
+        """Delete expired records in batches of at most ``batch_size`` (short locks);
+        return how many were deleted."""
+        ...
+
+
+def describe(obj: Any) -> str:
+    """Name of an implementation for messages: ``module.Class``."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,1 @@
+"""Brokers: move task messages to workers. One module per store."""
