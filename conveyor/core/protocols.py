@@ -16,6 +16,9 @@ General rules for every method below:
 * Thread-safety is stated per implementation in its module docstring. Unless it says
   otherwise, one instance may be shared by the threads of one process; it is never shared
   across ``fork()`` (build a new one in the child).
+* Every built-in broker that declares ``at_least_once`` accepts the option ``lease_seconds``
+  (float, default 60.0): how long a delivery stays held without ``extend()`` before it is
+  redelivered. The runtime extends leases from a heartbeat thread while a task runs.
 """
 
 from __future__ import annotations

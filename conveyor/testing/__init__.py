@@ -1,0 +1,1 @@
+"""Conformance suites and test helpers, shipped in the wheel for third parties."""
