@@ -1,0 +1,70 @@
+# conveyor's entry points. `make test` works on a fresh clone as root: it creates .venv,
+# installs and starts the servers the tox envs need, and runs every tox env in parallel.
+#
+#   make test      all tox envs (lint, type, unit, memory, sqla-*); TOX_ENVS=unit,lint for some
+#   make demo      run `conveyor demo` on the embedded default (memory://)
+#   make lint      ruff check + ruff format --check, in .venv
+#   make type      mypy --strict, in .venv
+#   make services  install/start every server the tests can use (SERVICES="redis mongodb")
+#   make venv      create .venv with conveyor[dev] (editable); redone when pyproject.toml changes
+#   make clean     remove build products and caches (not .venv)
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.conveyor-dev-installed
+
+# Servers the tox envs in tox.ini need. Add one here when its env lands in tox.ini.
+TEST_SERVICES := postgres mariadb
+SERVICES ?= postgres mariadb redis rabbitmq memcached mongodb
+# tox envs to run (comma-separated); empty means tox.ini's env_list.
+TOX_ENVS ?=
+# 2 cores: two envs at a time; each SQL/memory env also runs pytest-xdist with 2 workers,
+# which overlaps waiting on servers rather than competing for CPU.
+TOX_PARALLEL ?= auto
+# A hard stop well inside CI's 90 minutes, in case something hangs past pytest-timeout.
+TEST_TIMEOUT ?= 40m
+
+.PHONY: test demo lint type services venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --editable '.[dev]'
+	@touch $@
+
+test: venv
+	@start=$$SECONDS; \
+	scripts/services.sh ensure $(TEST_SERVICES); \
+	rm -rf .tox/reports; \
+	status=0; \
+	CONVEYOR_REQUIRE_SERVICES=1 timeout --kill-after=60 $(TEST_TIMEOUT) \
+		$(BIN)/tox run-parallel --parallel $(TOX_PARALLEL) \
+		$(if $(CI),--parallel-no-spinner) $(if $(TOX_ENVS),-e $(TOX_ENVS)) \
+		|| status=$$?; \
+	echo "make test: tox exited with status $$status after $$((SECONDS - start)) s"; \
+	scripts/test-summary.sh; \
+	exit $$status
+
+demo: venv
+	$(BIN)/conveyor demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+type: venv
+	$(BIN)/mypy
+
+services:
+	scripts/services.sh ensure $(SERVICES)
+
+clean:
+	rm -rf .tox build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf ./*.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
