@@ -1,0 +1,447 @@
+"""Private SQLAlchemy plumbing shared by the ``sqla+`` broker and the ``db+`` result backend.
+
+Not a public API. It owns the things both implementations must do identically:
+
+* splitting a ``sqla+<url>`` / ``db+<url>`` into the SQLAlchemy URL and conveyor's options
+  (conveyor's keys are removed from the query; driver keys pass through untouched),
+* building one long-lived :class:`~sqlalchemy.engine.Engine` per instance with the settings
+  each dialect needs (SQLite: WAL, ``BEGIN IMMEDIATE`` write transactions, busy timeout;
+  MySQL/MariaDB: ``READ COMMITTED`` so claims take no gap locks; all: ``pool_pre_ping``,
+  ``hide_parameters`` so message bodies never reach exception text),
+* running a transaction with a bounded, jittered retry of deadlocks and serialization
+  failures, and translating every remaining driver error in ONE place
+  (:func:`translate_error`) into conveyor's tree, chained with ``from``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from conveyor.core.errors import (
+    ConfigurationError,
+    ConnectionLost,
+    ConveyorError,
+    InvalidURL,
+    MissingDependency,
+    OperationalError,
+    OperationTimeout,
+)
+from conveyor.core.urls import mask_url
+
+__all__ = [
+    "Database",
+    "EngineSettings",
+    "is_retryable",
+    "make_database",
+    "split_url",
+    "translate_error",
+]
+
+log = logging.getLogger("conveyor.sql")
+T = TypeVar("T")
+
+# Execution option read by the SQLite "begin" hook: "IMMEDIATE" (default: take the write lock
+# up front, so a claim can never fail half-way with SQLITE_BUSY on lock upgrade) or "DEFERRED"
+# (read-only work: WAL readers never block writers).
+SQLITE_BEGIN = "conveyor_sqlite_begin"
+
+# PostgreSQL SQLSTATEs that mean "your transaction was rolled back; run it again".
+_PG_RETRY = frozenset({"40001", "40P01"})
+# ... and ones that mean a time limit was hit.
+_PG_TIMEOUT = frozenset({"57014", "55P03"})
+# MySQL / MariaDB: 1213 deadlock, 1205 lock wait timeout (both roll back the statement or
+# transaction; we always roll back and rerun the whole transaction).
+_MYSQL_RETRY = frozenset({1213, 1205})
+_MYSQL_LOST = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 4031})
+_MYSQL_TIMEOUT = frozenset({3024, 1969})
+
+
+def split_url(
+    url: str, *, prefixes: Collection[str], option_names: Collection[str]
+) -> tuple[URL, dict[str, str]]:
+    """Split ``sqla+postgresql+psycopg://u:p@h/db?lease_seconds=5&sslmode=require``.
+
+    Returns the SQLAlchemy URL without conveyor's option keys and the option keys found.
+    A URL without one of ``prefixes`` is taken as a plain SQLAlchemy URL.
+
+    Raises:
+        InvalidURL: the remainder is not a SQLAlchemy URL.
+    """
+    text = url.strip()
+    head, plus, rest = text.partition("+")
+    inner = rest if plus and head.lower() in prefixes else text
+    try:
+        sa_url = make_url(inner)
+    except sa_exc.ArgumentError as exc:
+        raise InvalidURL(f"{mask_url(url)!r} is not a SQLAlchemy URL: {exc}") from None
+    ours: dict[str, str] = {}
+    for key, value in sa_url.query.items():
+        if key in option_names:
+            # A repeated key arrives as a tuple; the last one wins, as everywhere in conveyor.
+            ours[key] = value[-1] if isinstance(value, tuple) else value
+    if ours:
+        sa_url = sa_url.difference_update_query(list(ours))
+    return sa_url, ours
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine knobs common to both implementations (all seconds as float).
+
+    ``None`` leaves SQLAlchemy's or the driver's default in place.
+    """
+
+    pool_size: int | None = None
+    max_overflow: int | None = None
+    pool_timeout: float | None = None
+    pool_recycle: float | None = 3600.0
+    connect_timeout: float | None = 10.0
+    operation_timeout: float | None = 30.0
+    sqlite_synchronous: str = "NORMAL"
+    echo: bool = False
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    database = url.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    )
+
+
+@dataclass
+class Database:
+    """One engine plus what the implementations need to know about its dialect.
+
+    Thread-safe: the engine's pool hands each thread its own connection. For SQLite
+    ``:memory:`` every thread shares one connection (there is no other way to share the
+    database), so :meth:`transaction` serialises on ``lock``.
+    """
+
+    engine: Engine
+    owned: bool
+    url_text: str
+    memory: bool = False
+    max_retries: int = 10
+    lock: threading.RLock | None = None
+    retries: int = 0
+    _retry_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dialect(self) -> str:
+        """``postgresql``, ``mysql`` (MariaDB too), ``sqlite`` or another SQLAlchemy name."""
+        return str(self.engine.dialect.name)
+
+    @property
+    def is_mariadb(self) -> bool:
+        return bool(getattr(self.engine.dialect, "is_mariadb", False))
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url_text)
+
+    def transaction(self, fn: Callable[[Connection], T], *, what: str, readonly: bool = False) -> T:
+        """Run ``fn(conn)`` in one transaction, retrying deadlocks/serialization failures.
+
+        Blocks for the duration of the transaction plus bounded retries (``max_retries``
+        attempts with jittered exponential backoff, 2 ms doubling to 0.25 s). ``fn`` must not
+        change Python-side state before it returns: it may run several times and only the
+        last run commits.
+
+        Raises:
+            OperationalError: (or a subclass) when the database failed or retries ran out;
+                the transaction was rolled back.
+            ConfigurationError: the database refused the statement itself (permissions,
+                missing objects that cannot be created, ...).
+        """
+        attempt = 0
+        backoff = 0.002
+        while True:
+            try:
+                if self.lock is not None:
+                    with self.lock:
+                        return self._once(fn, readonly)
+                return self._once(fn, readonly)
+            except (sa_exc.SQLAlchemyError, ConveyorError) as exc:
+                if isinstance(exc, ConveyorError):
+                    raise
+                attempt += 1
+                if is_retryable(exc) and attempt < self.max_retries:
+                    with self._retry_lock:
+                        self.retries += 1
+                    log.debug("retrying %s after %s (attempt %d)", what, _brief(exc), attempt)
+                    time.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 0.25)
+                    continue
+                raise translate_error(exc, what=what, url=self.url_text) from exc
+
+    def _once(self, fn: Callable[[Connection], T], readonly: bool) -> T:
+        with self.engine.connect() as conn:
+            if readonly and self.dialect == "sqlite":
+                conn.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
+            with conn.begin():
+                return fn(conn)
+
+    def dispose(self) -> None:
+        if self.owned:
+            self.engine.dispose()
+
+
+def _brief(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}"
+
+
+def _mysql_code(orig: Any) -> int | None:
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for failures that rolled the transaction back and should simply be rerun:
+    PostgreSQL 40001/40P01, MySQL/MariaDB 1213/1205, SQLite "database is locked"."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _PG_RETRY:
+        return True
+    code = _mysql_code(orig)
+    if code in _MYSQL_RETRY and type(orig).__module__.startswith(("pymysql", "MySQLdb")):
+        return True
+    text = str(orig).lower()
+    return type(orig).__module__.startswith("sqlite3") and (
+        "database is locked" in text or "database table is locked" in text
+    )
+
+
+def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError:
+    """The ONE mapping from SQLAlchemy/driver errors to conveyor's tree.
+
+    The message names the operation and the masked URL and the driver's own message (never
+    statement parameters: engines are built with ``hide_parameters``). Callers chain it:
+    ``raise translate_error(exc, ...) from exc``.
+    """
+    where = f"{what} on {mask_url(url)}"
+    orig = getattr(exc, "orig", None)
+    detail = mask_url(str(orig if orig is not None else exc).strip().splitlines()[0][:500])
+    if isinstance(exc, ModuleNotFoundError):
+        return MissingDependency(url.partition(":")[0], "sqlalchemy", exc.name or "driver")
+    sqlstate = getattr(orig, "sqlstate", None)
+    code = _mysql_code(orig)
+    text = detail.lower()
+    if isinstance(exc, sa_exc.DisconnectionError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return ConnectionLost(f"{where}: connection lost: {detail}")
+    if is_retryable(exc):
+        return OperationTimeout(f"{where}: still contended after retries: {detail}")
+    if sqlstate in _PG_TIMEOUT or code in _MYSQL_TIMEOUT or "timeout" in text:
+        return OperationTimeout(f"{where}: timed out: {detail}")
+    if isinstance(exc, sa_exc.TimeoutError):  # pool checkout timeout
+        return OperationTimeout(f"{where}: no free connection in the pool: {detail}")
+    if (
+        isinstance(exc, sa_exc.InterfaceError)
+        or (sqlstate is not None and sqlstate.startswith("08"))
+        or code in _MYSQL_LOST
+    ):
+        return ConnectionLost(f"{where}: {detail}")
+    if isinstance(exc, sa_exc.OperationalError):
+        # Connection refused, unknown host, server shutting down, disk full: all transient.
+        return ConnectionLost(f"{where}: {detail}")
+    if isinstance(exc, sa_exc.ProgrammingError | sa_exc.ArgumentError | sa_exc.NoSuchModuleError):
+        return ConfigurationError(f"{where}: {detail}")
+    return OperationalError(f"{where}: {detail}")
+
+
+def make_database(
+    url: URL,
+    *,
+    url_text: str,
+    settings: EngineSettings,
+    max_retries: int,
+    engine: Engine | None = None,
+) -> Database:
+    """Build (or wrap) the engine for ``url``.
+
+    Args:
+        url: the SQLAlchemy URL (conveyor's options already removed).
+        url_text: the user's URL, kept only for masked messages.
+        settings: pool and timeout settings, applied only when the engine is built here.
+        max_retries: transaction attempts for retryable errors.
+        engine: a ready engine to use instead (not disposed by ``close``). For SQLite it
+            must have been built by :func:`make_database` or carry equivalent settings.
+
+    Raises:
+        MissingDependency: the URL's driver is not installed.
+        ConfigurationError: SQLAlchemy rejected the URL or the settings.
+    """
+    if engine is not None:
+        memory = engine.dialect.name == "sqlite" and _is_sqlite_memory(engine.url)
+        lock = _shared_lock(engine) if memory else None
+        return Database(engine, False, url_text, memory, max_retries, lock)
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "hide_parameters": True,
+        "echo": settings.echo,
+        "future": True,
+    }
+    connect_args: dict[str, Any] = {}
+    backend = url.get_backend_name()
+    driver = url.get_driver_name()
+    memory = backend == "sqlite" and _is_sqlite_memory(url)
+    if backend == "sqlite":
+        connect_args["check_same_thread"] = False
+        if settings.operation_timeout is not None:
+            connect_args["timeout"] = settings.operation_timeout
+        if memory:
+            # One connection shared by every thread: the only way threads see one database.
+            kwargs["poolclass"] = StaticPool
+    else:
+        for name in ("pool_size", "max_overflow", "pool_timeout"):
+            value = getattr(settings, name)
+            if value is not None:
+                kwargs[name] = value
+        if settings.pool_recycle is not None:
+            kwargs["pool_recycle"] = int(settings.pool_recycle)
+        if backend in ("mysql", "mariadb"):
+            # READ COMMITTED: no gap locks, so SKIP LOCKED claims and inserts stop deadlocking
+            # each other on index gaps (the remaining 1213s are retried).
+            kwargs["isolation_level"] = "READ COMMITTED"
+    _driver_timeouts(backend, driver, url, settings, connect_args)
+    if connect_args:
+        kwargs["connect_args"] = connect_args
+    try:
+        built = sa.create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
+        raise MissingDependency(url.drivername, extra or "sqlalchemy", exc.name or driver) from None
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError) as exc:
+        raise ConfigurationError(
+            f"cannot build an engine for {mask_url(url_text)}: {exc}"
+        ) from None
+    if backend == "sqlite":
+        _install_sqlite_hooks(built, memory=memory, synchronous=settings.sqlite_synchronous)
+    lock = _shared_lock(built) if memory else None
+    return Database(built, True, url_text, memory, max_retries, lock)
+
+
+_LOCKS: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _shared_lock(engine: Engine) -> threading.RLock:
+    # Several brokers/backends may wrap one :memory: engine (tests share a store that way);
+    # they must serialise on the same lock because they share the one connection.
+    with _LOCKS_GUARD:
+        lock: threading.RLock | None = engine.__dict__.get("_conveyor_lock")
+        if lock is None:
+            lock = threading.RLock()
+            engine.__dict__["_conveyor_lock"] = lock
+        return lock
+
+
+def _driver_timeouts(
+    backend: str,
+    driver: str,
+    url: URL,
+    settings: EngineSettings,
+    connect_args: dict[str, Any],
+) -> None:
+    """Map conveyor's timeouts onto the drivers we know; a URL query value wins."""
+    query: Mapping[str, Any] = url.query
+    if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+        if settings.connect_timeout is not None and "connect_timeout" not in query:
+            connect_args["connect_timeout"] = max(1, round(settings.connect_timeout))
+        if settings.operation_timeout is not None and "options" not in query:
+            ms = int(settings.operation_timeout * 1000)
+            connect_args["options"] = f"-c statement_timeout={ms} -c lock_timeout={ms}"
+    elif backend in ("mysql", "mariadb") and driver in ("pymysql", "mysqldb"):
+        if settings.connect_timeout is not None and "connect_timeout" not in query:
+            connect_args["connect_timeout"] = max(1, round(settings.connect_timeout))
+        if settings.operation_timeout is not None:
+            for key in ("read_timeout", "write_timeout"):
+                if key not in query:
+                    connect_args[key] = max(1, round(settings.operation_timeout))
+
+
+def _install_sqlite_hooks(engine: Engine, *, memory: bool, synchronous: str) -> None:
+    sync = synchronous.upper()
+    if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigurationError(f"sqlite_synchronous must be OFF/NORMAL/FULL/EXTRA, not {sync!r}")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy (not the sqlite3 module's implicit BEGIN) decide when a transaction
+        # starts, so the "begin" hook below can say IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={sync}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+
+def sql_identifier(name: str, what: str) -> str:
+    """Validate a table or schema name given as an option (letters, digits, ``_``)."""
+    if not name or not all(c.isalnum() or c == "_" for c in name) or len(name) > 60:
+        raise ConfigurationError(f"{what} {name!r} must be 1-60 letters, digits or underscores")
+    return name
+
+
+def index_name(table: str, suffix: str) -> str:
+    """``ix_<table>_<suffix>`` kept under every dialect's identifier limit (63)."""
+    name = f"ix_{table}_{suffix}"
+    if len(name) <= 60:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest()[:8]
+    return f"ix_{table[:40]}_{digest}_{suffix[:8]}"
+
+
+def create_all_race_safe(db: Database, metadata: sa.MetaData, *, what: str) -> None:
+    """``metadata.create_all`` that tolerates another process creating the same objects.
+
+    Two processes starting at once both see "no table" and both CREATE; the loser gets
+    "already exists" (or, on PostgreSQL, a unique violation in ``pg_type``). Retrying sees
+    the tables and does nothing. Bounded: 10 attempts.
+    """
+    for attempt in range(10):
+        try:
+            if db.lock is not None:
+                with db.lock:
+                    metadata.create_all(db.engine, checkfirst=True)
+            else:
+                metadata.create_all(db.engine, checkfirst=True)
+            return
+        except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.OperationalError) as exc:
+            text = str(getattr(exc, "orig", exc)).lower()
+            racing = "exist" in text or "duplicate" in text or is_retryable(exc)
+            if not racing or attempt == 9:
+                raise translate_error(exc, what=what, url=db.url_text) from exc
+            time.sleep(0.01 * (attempt + 1) * (0.5 + random.random()))
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate_error(exc, what=what, url=db.url_text) from exc

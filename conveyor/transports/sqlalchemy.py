@@ -1,0 +1,876 @@
+"""SQL broker on SQLAlchemy: SQLite, PostgreSQL and MariaDB/MySQL.
+
+Capabilities:
+    ``at_least_once`` (every delivery is a lease: owner token + expiry; an expired lease is
+    delivered again with ``redelivered=True``), ``lease_extension`` (``extend``),
+    ``delayed_delivery`` (a ``not_before`` column with an index: delayed messages stay in
+    the table, never in worker memory), ``priority`` (0-9, higher first, FIFO within one
+    priority), ``dead_letter`` (``reject(requeue=False)`` moves the row to the queue
+    ``<queue>.dead`` and records the reason), ``queue_size``, ``durable``,
+    ``cross_process`` (except SQLite ``:memory:``, which lives in one process; see below).
+
+URL:
+    ``sqla+<SQLAlchemy URL>`` or ``sqlalchemy+<SQLAlchemy URL>``, as in kombu:
+    ``sqla+sqlite:////var/lib/app/conveyor.db`` (absolute path: four slashes),
+    ``sqla+sqlite:///relative.db``, ``sqla+sqlite://`` (in-memory, one process only),
+    ``sqla+postgresql+psycopg://user:pass@host:5432/db``,
+    ``sqla+mysql+pymysql://user:pass@host:3306/db``. Query keys that are conveyor options
+    (below) are removed before the URL reaches :func:`sqlalchemy.create_engine`; every other
+    key (``sslmode``, ``charset``, ...) goes to the driver untouched.
+
+Options (keyword > URL query > default; :class:`SQLAlchemyBrokerOptions`):
+    ``lease_seconds`` (60.0), ``poll_interval`` (0.005) and ``max_poll_interval`` (0.2):
+    the capped exponential backoff of a blocking ``receive``; ``promote_interval`` (0.1):
+    how often one broker moves due delayed messages to ready; ``table_name``
+    (``conveyor_message``), ``schema``; ``create_tables`` (True: create on first use);
+    ``max_retries`` (10) for deadlocks and serialization failures; engine settings
+    ``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle`` (3600),
+    ``connect_timeout`` (10), ``operation_timeout`` (30, sent to the server as
+    ``statement_timeout``/``lock_timeout`` on PostgreSQL, read/write timeouts on PyMySQL, the
+    busy timeout on SQLite), ``sqlite_synchronous`` (``NORMAL``), ``echo``.
+
+Thread-safety:
+    One instance may be shared by the threads of one process: the engine's pool gives each
+    call its own connection, and the broker's own bookkeeping (held leases, settled receipts)
+    is guarded by a lock. Never share an instance across ``fork()``: build one per process.
+    SQLite ``:memory:`` uses one connection for every thread (the only way they see one
+    database) and serialises on it.
+
+How it works (``docs/backends/sql.md`` has the full table layout):
+
+* One table, ``conveyor_message``. Rows are deleted by ``ack`` (kombu's SQL transport never
+  deletes rows and never redelivers after a crash; this one does both).
+* A claim is ONE transaction that selects the best ready rows and stamps them with a lease:
+  PostgreSQL ``WITH c AS (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) UPDATE ... RETURNING``;
+  MariaDB/MySQL ``SELECT ... FOR UPDATE SKIP LOCKED`` then ``UPDATE`` in the same
+  ``READ COMMITTED`` transaction; SQLite (WAL) ``BEGIN IMMEDIATE`` then
+  ``UPDATE ... WHERE id IN (SELECT ...) RETURNING``.
+* Time is the DATABASE clock on PostgreSQL (``now()``) and MariaDB/MySQL
+  (``UNIX_TIMESTAMP(NOW(6))``), so hosts with skewed clocks agree on delays and leases;
+  SQLite uses the client clock (its clients share the host). Times are float epoch seconds.
+* Delayed rows carry ``delayed = true`` and are kept out of the claim index; every
+  ``promote_interval`` a receiving broker flips the due ones to ready (``SKIP LOCKED``,
+  at most 1000 per step). Thousands of future messages therefore never slow a claim down.
+* Deadlocks (MariaDB 1213, lock wait 1205), serialization failures (PostgreSQL 40001/40P01)
+  and SQLite "database is locked" roll back and rerun the whole transaction, at most
+  ``max_retries`` times with jittered backoff; nothing is half-applied, nothing is lost.
+* ``receive`` polls with capped backoff (5 ms doubling to 200 ms) on every dialect; there is
+  no LISTEN/NOTIFY wake-up yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql as mysql_types
+from sqlalchemy.engine import Connection, Engine, Row
+
+from conveyor._sql import (
+    Database,
+    EngineSettings,
+    create_all_race_safe,
+    index_name,
+    make_database,
+    split_url,
+    sql_identifier,
+)
+from conveyor.core.base import BrokerBase, validate_queue_name
+from conveyor.core.capabilities import Capability
+from conveyor.core.errors import (
+    ConfigurationError,
+    ConnectionLost,
+    EncodeError,
+    InvalidReceipt,
+)
+from conveyor.core.options import build_options
+from conveyor.core.types import Delivery, Envelope
+
+__all__ = [
+    "DEAD_LETTER_REASON_HEADER",
+    "DEAD_LETTER_SOURCE_HEADER",
+    "DEAD_LETTER_SUFFIX",
+    "SQLAlchemyBroker",
+    "SQLAlchemyBrokerOptions",
+    "message_table",
+]
+
+#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` (as for the memory broker).
+DEAD_LETTER_SUFFIX = ".dead"
+#: Header added on delivery from a dead-letter queue: the ``reason`` given to ``reject``.
+DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
+#: Header added on delivery from a dead-letter queue: the queue it was rejected from.
+DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
+
+log = logging.getLogger("conveyor.transports.sqlalchemy")
+
+_SCHEMES = ("sqla", "sqlalchemy")
+_QUEUE_COLUMN_LENGTH = 255  # a 200-character queue name plus a few ".dead" suffixes
+_PROMOTE_BATCH = 1000
+_PURGE_BATCH = 1000
+_SETTLED_MEMORY = 10_000  # receipts remembered so a second ack/reject is a no-op
+_MAX_MESSAGES = 1000
+
+
+@dataclass(frozen=True)
+class SQLAlchemyBrokerOptions:
+    """Options of :class:`SQLAlchemyBroker` (seconds as float).
+
+    Attributes:
+        lease_seconds: how long a delivery stays held without ``extend`` (> 0).
+        poll_interval: first sleep of a blocking ``receive`` that found nothing.
+        max_poll_interval: the backoff cap; also the worst-case latency of an idle consumer.
+        promote_interval: minimum time between two "move due delayed rows to ready" steps
+            of one broker (bounds how late a delayed message may be, on top of polling).
+        table_name: the message table (letters, digits, ``_``).
+        schema: database schema of the table, or None for the default.
+        create_tables: create the table and its indexes on first use if missing.
+        max_retries: attempts for transactions that hit deadlocks/serialization failures.
+        pool_size, max_overflow, pool_timeout, pool_recycle: SQLAlchemy pool settings
+            (None: SQLAlchemy's default).
+        connect_timeout: seconds to establish a connection (PostgreSQL, MySQL drivers).
+        operation_timeout: server-side statement/lock timeout (PostgreSQL), socket read and
+            write timeout (PyMySQL), busy timeout (SQLite).
+        sqlite_synchronous: ``PRAGMA synchronous`` for SQLite files. ``NORMAL`` (default)
+            survives a crash of any process; only a power loss may drop the last commits.
+            Use ``FULL`` for power-loss durability at a few ms per commit.
+        echo: log every statement (SQLAlchemy ``echo``).
+    """
+
+    lease_seconds: float = 60.0
+    poll_interval: float = 0.005
+    max_poll_interval: float = 0.2
+    promote_interval: float = 0.1
+    table_name: str = "conveyor_message"
+    schema: str | None = None
+    create_tables: bool = True
+    max_retries: int = 10
+    pool_size: int | None = None
+    max_overflow: int | None = None
+    pool_timeout: float | None = None
+    pool_recycle: float | None = 3600.0
+    connect_timeout: float | None = 10.0
+    operation_timeout: float | None = 30.0
+    sqlite_synchronous: str = "NORMAL"
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lease_seconds", "poll_interval", "max_poll_interval"):
+            value = getattr(self, name)
+            if not (isinstance(value, float | int) and value > 0 and math.isfinite(value)):
+                raise ConfigurationError(f"{name} must be a positive number of seconds: {value!r}")
+        if self.max_poll_interval < self.poll_interval:
+            raise ConfigurationError("max_poll_interval must be >= poll_interval")
+        if not self.promote_interval >= 0:
+            raise ConfigurationError("promote_interval must be >= 0")
+        if self.max_retries < 1:
+            raise ConfigurationError("max_retries must be >= 1")
+        sql_identifier(self.table_name, "table_name")
+        if self.schema is not None:
+            sql_identifier(self.schema, "schema")
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            pool_size=self.pool_size,
+            max_overflow=self.max_overflow,
+            pool_timeout=self.pool_timeout,
+            pool_recycle=self.pool_recycle,
+            connect_timeout=self.connect_timeout,
+            operation_timeout=self.operation_timeout,
+            sqlite_synchronous=self.sqlite_synchronous,
+            echo=self.echo,
+        )
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(SQLAlchemyBrokerOptions))
+
+
+def message_table(
+    metadata: sa.MetaData, name: str = "conveyor_message", *, schema: str | None, dialect: str
+) -> sa.Table:
+    """The message table, with the indexes the claim, promotion and purge queries use.
+
+    PostgreSQL and SQLite get partial indexes (ready rows only / delayed rows only), which
+    stay small however many delayed messages wait; MariaDB/MySQL has no partial indexes and
+    gets the same columns with ``delayed`` as a key prefix.
+    """
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER PK = rowid alias
+    blob = sa.LargeBinary().with_variant(mysql_types.LONGBLOB(), "mysql", "mariadb")
+    text = sa.Text().with_variant(mysql_types.LONGTEXT(), "mysql", "mariadb")
+    table = sa.Table(
+        name,
+        metadata,
+        sa.Column("id", big_id, primary_key=True, autoincrement=True),
+        sa.Column("queue", sa.String(_QUEUE_COLUMN_LENGTH), nullable=False),
+        sa.Column("priority", sa.SmallInteger(), nullable=False),
+        sa.Column("delayed", sa.Boolean(create_constraint=False), nullable=False),
+        sa.Column("not_before", sa.Double(), nullable=False),
+        sa.Column("lease_expires", sa.Double(), nullable=False),
+        sa.Column("lease_owner", sa.String(64), nullable=True),
+        sa.Column("delivery_count", sa.Integer(), nullable=False),
+        sa.Column("envelope_id", sa.Text(), nullable=False),
+        sa.Column("body", blob, nullable=False),
+        sa.Column("content_type", sa.Text(), nullable=False),
+        sa.Column("content_encoding", sa.Text(), nullable=False),
+        sa.Column("headers", text, nullable=False),
+        sa.Column("correlation_id", sa.Text(), nullable=True),
+        sa.Column("reply_to", sa.Text(), nullable=True),
+        sa.Column("published_at", sa.Double(), nullable=False),
+        sa.Column("dead_from", sa.String(_QUEUE_COLUMN_LENGTH), nullable=True),
+        sa.Column("dead_reason", sa.Text(), nullable=True),
+        sa.Column("dead_at", sa.Double(), nullable=True),
+        schema=schema,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+    c = table.c
+    if dialect in ("postgresql", "sqlite"):
+        ready, delayed = sa.not_(c.delayed), c.delayed
+        sa.Index(
+            index_name(name, "claim"),
+            c.queue,
+            c.priority.desc(),
+            c.id,
+            postgresql_where=ready,
+            sqlite_where=ready,
+        )
+        sa.Index(
+            index_name(name, "due"),
+            c.queue,
+            c.not_before,
+            postgresql_where=delayed,
+            sqlite_where=delayed,
+        )
+    else:
+        sa.Index(index_name(name, "claim"), c.queue, c.delayed, c.priority.desc(), c.id)
+        sa.Index(index_name(name, "due"), c.queue, c.delayed, c.not_before)
+    return table
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """What ``ack``/``reject``/``extend`` need: the row and the lease token of this claim."""
+
+    row_id: int
+    token: str
+
+
+class SQLAlchemyBroker(BrokerBase):
+    """Broker on a SQL table; see the module docstring for URL, options and semantics.
+
+    Args:
+        engine: a ready SQLAlchemy engine (not disposed by ``close``). For SQLite, prefer
+            :meth:`from_url`, which also sets WAL mode and ``BEGIN IMMEDIATE``; with an
+            engine of another broker (``SQLAlchemyBroker(other.engine)``) that is inherited.
+        options: :class:`SQLAlchemyBrokerOptions`; defaults when None.
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {
+            Capability.AT_LEAST_ONCE,
+            Capability.LEASE_EXTENSION,
+            Capability.DELAYED_DELIVERY,
+            Capability.PRIORITY,
+            Capability.DEAD_LETTER,
+            Capability.QUEUE_SIZE,
+            Capability.DURABLE,
+            Capability.CROSS_PROCESS,
+        }
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        options: SQLAlchemyBrokerOptions | None = None,
+        *,
+        _database: Database | None = None,
+        _url: str | None = None,
+    ) -> None:
+        self.options = options or SQLAlchemyBrokerOptions()
+        if _database is None:
+            rendered = engine.url.render_as_string(hide_password=True)
+            _database = make_database(
+                engine.url,
+                url_text=rendered,
+                settings=self.options.engine_settings(),
+                max_retries=self.options.max_retries,
+                engine=engine,
+            )
+        self._db = _database
+        self.url = _url or f"sqla+{self._db.engine.url.render_as_string(hide_password=True)}"
+        self._metadata = sa.MetaData()
+        self._table = message_table(
+            self._metadata,
+            self.options.table_name,
+            schema=self.options.schema,
+            dialect=self._db.dialect,
+        )
+        self._returning = bool(self._db.engine.dialect.update_returning)
+        self._instance = secrets.token_hex(8)
+        self._sequence = itertools.count(1)
+        self._lock = threading.Lock()
+        self._held: dict[int, str] = {}
+        self._settled: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._promote_at: dict[str, float] = {}
+        self._schema_ready = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLAlchemyBroker:
+        """Build a broker (and its own engine, disposed by ``close``) from ``url``.
+
+        Does not connect: the first operation does (and creates the table if allowed).
+
+        Raises:
+            InvalidURL: not a SQLAlchemy URL after the ``sqla+`` prefix.
+            ConfigurationError: unknown option or bad value (with a did-you-mean).
+            MissingDependency: the URL's driver is not installed.
+        """
+        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=_OPTION_NAMES)
+        opts = build_options(SQLAlchemyBrokerOptions, query, options, owner="sqla+ broker")
+        db = make_database(
+            sa_url, url_text=url, settings=opts.engine_settings(), max_retries=opts.max_retries
+        )
+        return cls(db.engine, opts, _database=db, _url=url)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (share it with another broker on the same database)."""
+        return self._db.engine
+
+    @property
+    def retries(self) -> int:
+        """How many transactions were rerun after a deadlock/serialization failure/lock."""
+        return self._db.retries
+
+    def create_tables(self) -> None:
+        """Create the message table and its indexes if missing. Idempotent, race-safe.
+
+        Blocks for a few round trips. Use it in deployment scripts when the runtime user may
+        not create tables (then pass ``create_tables=False``).
+        """
+        self._check_open()
+        create_all_race_safe(self._db, self._metadata, what="create tables")
+        self._schema_ready = True
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready or not self.options.create_tables:
+            return
+        self.create_tables()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionLost(f"{self!r} is closed")
+
+    # ------------------------------------------------------------------ clock
+    def _now(self) -> sa.ColumnElement[float]:
+        """Current time as epoch seconds: the database's clock where it has a usable one."""
+        dialect = self._db.dialect
+        if dialect == "postgresql":
+            # now() is the transaction start: one consistent instant per transaction.
+            return sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Double())
+        if dialect == "mysql":
+            return sa.func.unix_timestamp(sa.func.now(6), type_=sa.Double())
+        return sa.literal(time.time(), sa.Double())
+
+    # ------------------------------------------------------------------ queues
+    def declare_queue(self, name: str) -> None:
+        """Validate ``name`` and make sure the table exists. Queues are implicit rows, so
+        there is nothing else to create. Idempotent; blocks only the first time."""
+        self._check_open()
+        _check_queue(name)
+        self._ensure_schema()
+
+    def dead_letter_queue(self, queue: str) -> str:
+        """``queue + ".dead"``: an ordinary queue (receive, ack, purge, size work)."""
+        return f"{queue}{DEAD_LETTER_SUFFIX}"
+
+    # ------------------------------------------------------------------ publish
+    def _row(self, envelope: Envelope, queue: str, delayed: bool) -> dict[str, Any]:
+        try:
+            headers = json.dumps(dict(envelope.headers), ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(
+                f"envelope {envelope.id!r} has headers JSON cannot hold: {exc}"
+            ) from exc
+        return {
+            "queue": queue,
+            "priority": envelope.priority,
+            "delayed": delayed,
+            "lease_expires": 0.0,
+            "delivery_count": 0,
+            "envelope_id": envelope.id,
+            "body": bytes(envelope.body),
+            "content_type": envelope.content_type,
+            "content_encoding": envelope.content_encoding,
+            "headers": headers,
+            "correlation_id": envelope.correlation_id,
+            "reply_to": envelope.reply_to,
+        }
+
+    def _insert(self, envelopes: Sequence[Envelope], queue: str, delay: float | None) -> None:
+        seconds = float(delay or 0.0)
+        rows = [self._row(e, queue, seconds > 0) for e in envelopes]
+        table = self._table
+
+        def work(conn: Connection) -> None:
+            now = self._now()
+            stmt = sa.insert(table).values(
+                not_before=now + sa.literal(seconds, sa.Double()) if seconds > 0 else now,
+                published_at=now,
+            )
+            conn.execute(stmt, rows)
+
+        self._db.transaction(work, what=f"publish to {queue!r}")
+
+    def publish(self, envelope: Envelope, *, queue: str, delay: float | None = None) -> None:
+        """Insert one row (one transaction, one round trip plus commit). Blocking.
+
+        Raises:
+            ConfigurationError: bad queue name, priority or delay.
+            EncodeError: headers that JSON cannot represent.
+            OperationalError: the database failed; the message was not accepted.
+            ConnectionLost: the broker is closed.
+        """
+        self._check_open()
+        _check_queue(queue)
+        self._check_publish(envelope, delay)
+        self._ensure_schema()
+        self._insert([envelope], queue, delay)
+
+    def publish_many(
+        self, envelopes: Iterable[Envelope], *, queue: str, delay: float | None = None
+    ) -> int:
+        """Insert all envelopes in ONE transaction (executemany): all or none are accepted.
+
+        Returns:
+            The number published.
+        """
+        self._check_open()
+        _check_queue(queue)
+        batch = list(envelopes)
+        for envelope in batch:
+            self._check_publish(envelope, delay)
+        if not batch:
+            return 0
+        self._ensure_schema()
+        self._insert(batch, queue, delay)
+        return len(batch)
+
+    # ------------------------------------------------------------------ receive
+    def receive(
+        self, queues: str | Sequence[str], *, max_messages: int = 1, timeout: float = 1.0
+    ) -> list[Delivery]:
+        """Claim up to ``max_messages`` ready messages, each under a lease.
+
+        Order: higher priority first, then the order of ``queues``, then publish order
+        (a redelivered message keeps its place, so it comes before newer ones). Blocks up
+        to ``timeout`` seconds, polling with capped backoff; ``timeout=0`` claims once.
+
+        Raises:
+            ConfigurationError: no queue, a bad name, ``max_messages`` < 1 or ``timeout`` < 0.
+            OperationalError: the database failed (nothing was claimed).
+            ConnectionLost: the broker is closed.
+        """
+        self._check_open()
+        names = [queues] if isinstance(queues, str) else list(queues)
+        if not names:
+            raise ConfigurationError("receive() needs at least one queue")
+        for name in names:
+            _check_queue(name)
+        if not isinstance(max_messages, int) or max_messages < 1:
+            raise ConfigurationError(f"max_messages must be >= 1, got {max_messages!r}")
+        if timeout is None or timeout < 0 or timeout != timeout:
+            raise ConfigurationError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        limit = min(max_messages, _MAX_MESSAGES)
+        self._ensure_schema()
+        deadline = time.monotonic() + timeout
+        pause = self.options.poll_interval
+        while True:
+            deliveries = self._claim(names, limit)
+            if deliveries:
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, self.options.max_poll_interval)
+            self._check_open()
+
+    def _due_for_promotion(self, names: Sequence[str]) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            due = [q for q in names if now >= self._promote_at.get(q, 0.0)]
+            for q in due:
+                self._promote_at[q] = now + self.options.promote_interval
+        return due
+
+    def _promote(
+        self, conn: Connection, names: Sequence[str], now: sa.ColumnElement[float]
+    ) -> None:
+        """Flip due delayed rows to ready (bounded, skipping rows another promoter holds)."""
+        t = self._table
+        due = (
+            sa.select(t.c.id)
+            .where(t.c.queue.in_(names), t.c.delayed, t.c.not_before <= now)
+            .order_by(t.c.not_before)
+            .limit(_PROMOTE_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        if self._db.dialect == "mysql":
+            # MariaDB refuses LIMIT inside IN (subquery) and subqueries on the updated table.
+            ids = list(conn.execute(due).scalars())
+            if ids:
+                conn.execute(sa.update(t).where(t.c.id.in_(ids)).values(delayed=False))
+        else:
+            conn.execute(
+                sa.update(t).where(t.c.id.in_(due.scalar_subquery())).values(delayed=False)
+            )
+
+    def _claim(self, names: list[str], limit: int) -> list[Delivery]:
+        t = self._table
+        token = f"{self._instance}:{next(self._sequence)}"
+        lease = float(self.options.lease_seconds)
+        promote = self._due_for_promotion(names)
+        order: list[Any] = [t.c.priority.desc()]
+        if len(names) > 1:
+            order.append(sa.case({q: i for i, q in enumerate(names)}, value=t.c.queue))
+        order.append(t.c.id)
+        columns = [
+            t.c.id,
+            t.c.queue,
+            t.c.priority,
+            t.c.delivery_count,
+            t.c.envelope_id,
+            t.c.body,
+            t.c.content_type,
+            t.c.content_encoding,
+            t.c.headers,
+            t.c.correlation_id,
+            t.c.reply_to,
+            t.c.dead_from,
+            t.c.dead_reason,
+        ]
+
+        def work(conn: Connection) -> list[Any]:
+            now = self._now()
+            if promote:
+                self._promote(conn, promote, now)
+            ready = (
+                sa.select(t.c.id)
+                .where(t.c.queue.in_(names), sa.not_(t.c.delayed), t.c.lease_expires <= now)
+                .order_by(*order)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            stamp = {
+                "lease_owner": token,
+                "lease_expires": now + sa.literal(lease, sa.Double()),
+                "delivery_count": t.c.delivery_count + 1,
+            }
+            if self._db.dialect == "postgresql":
+                picked = ready.cte("claim")
+                stmt = sa.update(t).where(t.c.id == picked.c.id).values(**stamp)
+                return list(conn.execute(stmt.returning(*columns)))
+            if self._returning:
+                stmt = sa.update(t).where(t.c.id.in_(ready.scalar_subquery())).values(**stamp)
+                return list(conn.execute(stmt.returning(*columns)))
+            # MariaDB/MySQL (no UPDATE ... RETURNING): lock, then stamp, same transaction.
+            rows = list(conn.execute(ready.with_only_columns(*columns)))
+            if rows:
+                conn.execute(sa.update(t).where(t.c.id.in_([r.id for r in rows])).values(**stamp))
+            return [_Bumped(r) for r in rows]
+
+        rows = self._db.transaction(work, what=f"receive from {names!r}")
+        if not rows:
+            return []
+        rank = {q: i for i, q in enumerate(names)}
+        rows.sort(key=lambda r: (-r.priority, rank.get(r.queue, 0), r.id))
+        deliveries = [self._delivery(r, token) for r in rows]
+        with self._lock:
+            for r in rows:
+                self._held[r.id] = token
+        return deliveries
+
+    def _delivery(self, row: Any, token: str) -> Delivery:
+        headers = json.loads(row.headers)
+        if row.dead_from is not None:
+            headers[DEAD_LETTER_REASON_HEADER] = row.dead_reason or ""
+            headers[DEAD_LETTER_SOURCE_HEADER] = row.dead_from
+        envelope = Envelope(
+            id=row.envelope_id,
+            body=bytes(row.body),
+            content_type=row.content_type,
+            content_encoding=row.content_encoding,
+            headers=headers,
+            priority=row.priority,
+            correlation_id=row.correlation_id,
+            reply_to=row.reply_to,
+        )
+        count = int(row.delivery_count)
+        return Delivery(
+            envelope=envelope,
+            queue=row.queue,
+            receipt=_Receipt(int(row.id), token),
+            redelivered=count > 1,
+            delivery_count=count,
+        )
+
+    # ------------------------------------------------------------------ settle
+    @staticmethod
+    def _receipt(delivery: Delivery) -> _Receipt:
+        receipt = getattr(delivery, "receipt", None)
+        if not isinstance(receipt, _Receipt):
+            raise InvalidReceipt(f"not a delivery of a SQLAlchemyBroker: {delivery!r}")
+        return receipt
+
+    def _was_settled(self, receipt: _Receipt) -> bool:
+        with self._lock:
+            return (receipt.row_id, receipt.token) in self._settled
+
+    def _settle(self, receipt: _Receipt) -> None:
+        with self._lock:
+            if self._held.get(receipt.row_id) == receipt.token:
+                del self._held[receipt.row_id]
+            self._settled[(receipt.row_id, receipt.token)] = None
+            while len(self._settled) > _SETTLED_MEMORY:
+                self._settled.popitem(last=False)
+
+    def _lost(self, conn: Connection, receipt: _Receipt) -> bool:
+        """After a guarded statement matched nothing: True when the row still exists (held
+        by a newer delivery, or back in a queue): the lease was lost. False when gone."""
+        t = self._table
+        found = conn.execute(sa.select(t.c.id).where(t.c.id == receipt.row_id)).first()
+        return found is not None
+
+    def ack(self, delivery: Delivery) -> None:
+        """Delete the row if this delivery still holds it. Idempotent. One transaction.
+
+        Raises:
+            InvalidReceipt: the lease was lost and the message was redelivered (it will be,
+                or was, processed again; nothing is lost).
+            ConnectionLost: the broker is closed.
+        """
+        self._check_open()
+        receipt = self._receipt(delivery)
+        t = self._table
+
+        def work(conn: Connection) -> bool:
+            deleted = conn.execute(
+                sa.delete(t).where(t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
+            ).rowcount
+            return deleted == 0 and self._lost(conn, receipt)
+
+        lost = self._db.transaction(work, what="ack")
+        if lost and not self._was_settled(receipt):
+            self._settle(receipt)
+            raise InvalidReceipt(
+                f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} no longer holds "
+                "its message (lease expired and it was redelivered)"
+            )
+        self._settle(receipt)
+
+    def reject(self, delivery: Delivery, *, requeue: bool = False, reason: str = "") -> None:
+        """Requeue (ready now, ``redelivered`` next time) or move to ``<queue>.dead``.
+
+        Idempotent: rejecting the same delivery again does nothing.
+
+        Raises:
+            InvalidReceipt: the lease was lost to another consumer before this call.
+            ConnectionLost: the broker is closed.
+        """
+        self._check_open()
+        receipt = self._receipt(delivery)
+        t = self._table
+        guard = (t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
+        dead = self.dead_letter_queue(delivery.queue)
+
+        def work(conn: Connection) -> bool:
+            if requeue:
+                stmt: Any = sa.update(t).values(lease_owner=None, lease_expires=0.0)
+            elif len(dead) > _QUEUE_COLUMN_LENGTH:
+                # A dead-letter queue name the column cannot hold: drop the message instead.
+                stmt = sa.delete(t)
+            else:
+                stmt = sa.update(t).values(
+                    queue=dead,
+                    lease_owner=None,
+                    lease_expires=0.0,
+                    delayed=False,
+                    delivery_count=0,
+                    dead_from=delivery.queue,
+                    dead_reason=reason,
+                    dead_at=self._now(),
+                )
+            changed = conn.execute(stmt.where(*guard)).rowcount
+            return changed == 0 and self._lost(conn, receipt)
+
+        lost = self._db.transaction(work, what="reject")
+        if lost and not self._was_settled(receipt):
+            self._settle(receipt)
+            raise InvalidReceipt(
+                f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} no longer holds "
+                "its message (lease expired and it was redelivered)"
+            )
+        self._settle(receipt)
+
+    def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Hold ``delivery`` for ``seconds`` from now (database clock). One statement.
+
+        Raises:
+            InvalidReceipt: the delivery is settled or its lease was taken over.
+            ConfigurationError: ``seconds`` is not a positive number.
+        """
+        self._check_open()
+        if not (isinstance(seconds, float | int) and seconds > 0 and math.isfinite(seconds)):
+            raise ConfigurationError(f"seconds must be a positive number: {seconds!r}")
+        receipt = self._receipt(delivery)
+        t = self._table
+
+        def work(conn: Connection) -> int:
+            stmt = (
+                sa.update(t)
+                .where(t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
+                .values(lease_expires=self._now() + sa.literal(float(seconds), sa.Double()))
+            )
+            return int(conn.execute(stmt).rowcount)
+
+        if self._db.transaction(work, what="extend") == 0:
+            raise InvalidReceipt(
+                f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} is not held by "
+                "this consumer any more"
+            )
+
+    # ------------------------------------------------------------------ purge, size
+    def purge(self, queue: str) -> int:
+        """Delete ready and delayed rows of ``queue`` (not held ones); return the count.
+
+        Deletes in batches of 1000 rows, one short transaction each, so a large purge never
+        holds long locks. Rows locked by a claim in progress are skipped (they are being
+        delivered).
+        """
+        self._check_open()
+        _check_queue(queue)
+        self._ensure_schema()
+        t = self._table
+        total = 0
+        while True:
+
+            def work(conn: Connection) -> tuple[int, int]:
+                now = self._now()
+                unheld = sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires <= now)
+                ids = list(
+                    conn.execute(
+                        sa.select(t.c.id)
+                        .where(t.c.queue == queue, unheld)
+                        .order_by(t.c.id)
+                        .limit(_PURGE_BATCH)
+                        .with_for_update(skip_locked=True)
+                    ).scalars()
+                )
+                if not ids:
+                    return 0, 0
+                deleted = conn.execute(sa.delete(t).where(t.c.id.in_(ids), unheld)).rowcount
+                return len(ids), int(deleted)
+
+            seen, deleted = self._db.transaction(work, what=f"purge {queue!r}")
+            total += deleted
+            if seen < _PURGE_BATCH:
+                return total
+
+    def size(self, queue: str) -> int:
+        """Count ready rows of ``queue``: due, not held (an expired lease counts as ready)."""
+        self._check_open()
+        _check_queue(queue)
+        self._ensure_schema()
+        t = self._table
+
+        def work(conn: Connection) -> int:
+            now = self._now()
+            stmt = (
+                sa.select(sa.func.count())
+                .select_from(t)
+                .where(t.c.queue == queue, t.c.not_before <= now, t.c.lease_expires <= now)
+            )
+            return int(conn.execute(stmt).scalar_one())
+
+        return self._db.transaction(work, what=f"size of {queue!r}", readonly=True)
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Give back every message this broker still holds (ready at once, delivered next
+        with ``redelivered=True``) and dispose of the engine if this broker built it.
+
+        Idempotent; never raises for a database that is gone (the leases then simply
+        expire). Afterwards every method raises :class:`ConnectionLost`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            held = dict(self._held)
+            self._held.clear()
+        try:
+            if held:
+                self._release(held)
+        except Exception:  # close must not fail; the leases expire on their own
+            log.warning(
+                "could not release %d held message(s) on close of %r; they will be "
+                "redelivered when their leases expire",
+                len(held),
+                self,
+                exc_info=True,
+            )
+        finally:
+            self._db.dispose()
+
+    def _release(self, held: dict[int, str]) -> None:
+        t = self._table
+        ids = sorted(held)
+        prefix = f"{self._instance}:"
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+
+            def work(conn: Connection, chunk: list[int] = chunk) -> None:
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.id.in_(chunk), t.c.lease_owner.startswith(prefix, autoescape=True))
+                    .values(lease_owner=None, lease_expires=0.0)
+                )
+
+            self._db.transaction(work, what="release leases")
+
+
+def _check_queue(name: str) -> None:
+    """Queue names as everywhere, plus dead-letter names (``<name>.dead``, maybe repeated),
+    which may exceed the 200-character limit of user-chosen names."""
+    base = name
+    while base.endswith(DEAD_LETTER_SUFFIX) and len(base) > len(DEAD_LETTER_SUFFIX):
+        base = base[: -len(DEAD_LETTER_SUFFIX)]
+    if base != name and len(name) > _QUEUE_COLUMN_LENGTH:
+        raise ConfigurationError(f"queue name longer than {_QUEUE_COLUMN_LENGTH} characters")
+    validate_queue_name(base if base != name else name)
+
+
+class _Bumped:
+    """A row read before its claim UPDATE, seen as after it (delivery_count + 1)."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: Row[Any]) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._row, name)
+        return value + 1 if name == "delivery_count" else value
