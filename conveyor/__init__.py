@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from conveyor.core import *  # noqa: F403 - the public contract is re-exported verbatim
 from conveyor.core import __all__ as _core_all
+from conveyor.runtime import App, AsyncResult, Task
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "__version__"]
+__all__ = [*_core_all, "App", "AsyncResult", "Task", "__version__"]

@@ -130,8 +130,10 @@ class ResultBackendBase(_Closable):
     def _ttl(self, ttl: float | None) -> float | None:
         """The effective expiry in seconds for a store call, or None for "never"."""
         effective = self.default_ttl if ttl is None else ttl
-        if effective is None or effective <= 0:
-            return None
+        if effective is not None and (effective < 0 or effective != effective):
+            raise ConfigurationError(f"ttl must be a non-negative number of seconds: {ttl!r}")
+        if effective is None or effective == 0:
+            return None  # 0 means "keep until forgotten", only when asked for explicitly
         return float(effective)
 
     @staticmethod

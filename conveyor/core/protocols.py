@@ -209,7 +209,8 @@ class ResultBackend(Protocol):
         ...
 
     def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections. Idempotent. After close, other methods raise
+        ``ConnectionLost``."""
         ...
 
 

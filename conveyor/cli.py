@@ -1,0 +1,221 @@
+"""The ``conveyor`` command.
+
+    conveyor -A tasks worker -Q q1,q2 -c 4 -P prefork -l info
+    conveyor -A tasks call tasks.add --args '[2, 18]'
+    conveyor -A tasks result <task-id>
+    conveyor check redis://localhost:6379/0
+    conveyor demo
+
+URLs are always printed with passwords masked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from conveyor.core.errors import ConveyorError
+from conveyor.core.urls import mask_url
+
+__all__ = ["find_app", "main", "setup_logging"]
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level`` (debug, info, warning, error) with Celery's line shape."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise click.BadParameter(f"unknown log level {level!r}", param_hint="-l/--loglevel")
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def find_app(spec: str) -> Any:
+    """Import ``module`` or ``module:attr`` and return its App (``app`` or ``celery`` attr,
+    else the only App instance in the module)."""
+    from conveyor.runtime.app import App
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if attr:
+        obj = getattr(module, attr)
+        if not isinstance(obj, App):
+            raise click.UsageError(f"{spec} is not a conveyor App")
+        return obj
+    for name in ("app", "celery"):
+        obj = getattr(module, name, None)
+        if isinstance(obj, App):
+            return obj
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if len(apps) == 1:
+        return apps[0]
+    raise click.UsageError(f"no App found in module {module_name!r}; use -A module:attribute")
+
+
+class _Ctx:
+    def __init__(self, app_spec: str | None) -> None:
+        self.app_spec = app_spec
+        self._app: Any = None
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            if not self.app_spec:
+                raise click.UsageError("this command needs -A/--app MODULE")
+            self._app = find_app(self.app_spec)
+        return self._app
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-A", "--app", "app_spec", metavar="MODULE[:ATTR]", help="Where the App lives.")
+@click.pass_context
+def main(ctx: click.Context, app_spec: str | None) -> None:
+    """conveyor: task queues on any broker, Celery-compatible."""
+    if isinstance(ctx.obj, _Ctx):
+        return
+    preset = ctx.obj
+    ctx.obj = _Ctx(app_spec)
+    if preset is not None:  # app.worker_main() passes the App itself
+        ctx.obj._app = preset
+
+
+@main.command()
+@click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume.")
+@click.option("-c", "--concurrency", type=int, default=None, help="Tasks run at once.")
+@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
+@click.option("-l", "--loglevel", default="warning", show_default=True)
+@click.option("-n", "--hostname", default=None, help="Node name (default conveyor@<host>).")
+@click.option("--prefetch-multiplier", type=int, default=None)
+@click.pass_obj
+def worker(
+    obj: _Ctx,
+    queues: str | None,
+    concurrency: int | None,
+    pool: str | None,
+    loglevel: str,
+    hostname: str | None,
+    prefetch_multiplier: int | None,
+) -> None:
+    """Consume queues and run tasks until SIGTERM (warm) or a second signal (cold)."""
+    setup_logging(loglevel)
+    app = obj.app
+    w = app.Worker(
+        queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        concurrency=concurrency,
+        pool=pool,
+        hostname=hostname,
+        prefetch_multiplier=prefetch_multiplier,
+    )
+    click.echo(w.banner(), err=True)
+    if app.uses_embedded_default:
+        click.echo(
+            "  note: no broker configured; using the embedded SQLite default. Set "
+            "CONVEYOR_BROKER_URL (or broker=...) for anything beyond one machine.",
+            err=True,
+        )
+    try:
+        w.start()
+    except ConveyorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        app.close()
+
+
+@main.command()
+@click.argument("name")
+@click.option("--args", "args_json", default="[]", help="JSON list of positional arguments.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="JSON map of keyword arguments.")
+@click.option("-Q", "--queue", default=None)
+@click.option("--countdown", type=float, default=None)
+@click.option("--wait", "wait_s", type=float, default=None, help="Wait this long for the result.")
+@click.pass_obj
+def call(
+    obj: _Ctx,
+    name: str,
+    args_json: str,
+    kwargs_json: str,
+    queue: str | None,
+    countdown: float | None,
+    wait_s: float | None,
+) -> None:
+    """Send task NAME and print its id (and its result with --wait)."""
+    try:
+        args = json.loads(args_json)
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from exc
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise click.BadParameter("--args must be a JSON list and --kwargs a JSON object")
+    app = obj.app
+    try:
+        result = app.send_task(name, args, kwargs, queue=queue, countdown=countdown)
+        click.echo(result.id)
+        if wait_s is not None:
+            click.echo(json.dumps(result.get(timeout=wait_s, propagate=False), default=str))
+    except ConveyorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        app.close()
+
+
+@main.command()
+@click.argument("task_id")
+@click.pass_obj
+def result(obj: _Ctx, task_id: str) -> None:
+    """Print the state and result of TASK_ID."""
+    app = obj.app
+    try:
+        res = app.AsyncResult(task_id)
+        out = {"id": task_id, "state": res.state, "result": res.result, "traceback": res.traceback}
+        click.echo(json.dumps(out, default=repr, indent=2))
+    except ConveyorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        app.close()
+
+
+@main.command()
+@click.argument("url")
+@click.option("--as", "kind", type=click.Choice(["auto", "broker", "backend"]), default="auto")
+@click.option("-n", "--rounds", type=int, default=20, show_default=True)
+def check(url: str, kind: str, rounds: int) -> None:
+    """Connect to URL, run round trips, and report capabilities and latency."""
+    from conveyor.runtime.check import run_check
+
+    try:
+        rows, caps, what = run_check(url, kind=kind, rounds=rounds)
+    except ConveyorError as exc:
+        raise click.ClickException(f"{mask_url(url)}: {exc}") from exc
+    click.echo(f"{what} {mask_url(url)}")
+    click.echo(f"  capabilities: {', '.join(sorted(caps)) or '(none)'}")
+    click.echo(f"  {'operation':<14} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+    for op, p50, p99, worst in rows:
+        click.echo(f"  {op:<14} {p50:>9.3f} {p99:>9.3f} {worst:>9.3f}")
+
+
+@main.command()
+@click.option("-n", "--tasks", "count", type=int, default=200, show_default=True)
+@click.option("-c", "--concurrency", type=int, default=4, show_default=True)
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+def demo(count: int, concurrency: int, timeout: float) -> None:
+    """Run a worker on the embedded SQLite default, send tasks, and print a summary."""
+    from conveyor.runtime.demo import run_demo
+
+    started = time.monotonic()
+    ok = run_demo(count=count, concurrency=concurrency, timeout=timeout)
+    click.echo(f"demo finished in {time.monotonic() - started:.1f}s")
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

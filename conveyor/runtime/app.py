@@ -1,0 +1,386 @@
+"""``App``: tasks, configuration, and the broker and result backend they use.
+
+Feels like Celery::
+
+    app = App("tasks", broker="redis://localhost:6379/0", backend="redis://localhost:6379/1")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    add.delay(4, 4).get(timeout=10)
+
+The app talks to its broker and result backend only through the core protocols
+(:mod:`conveyor.core.protocols`); any registered implementation works.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, overload
+
+from conveyor.core.capabilities import Capability
+from conveyor.core.errors import ConfigurationError
+from conveyor.core.registry import Registry, default_registry, result_backend_from_url
+from conveyor.core.urls import mask_url
+from conveyor.runtime.config import Settings
+from conveyor.runtime.result import AsyncResult
+from conveyor.runtime.task import Task
+
+__all__ = ["App", "default_broker_url", "default_result_backend_url"]
+
+log = logging.getLogger("conveyor.app")
+
+_ENV_BROKER = "CONVEYOR_BROKER_URL"
+_ENV_BACKEND = "CONVEYOR_RESULT_BACKEND"
+_ENV_HOME = "CONVEYOR_HOME"
+
+
+def _home() -> Path:
+    return Path(os.environ.get(_ENV_HOME) or Path.cwd() / ".conveyor").resolve()
+
+
+def default_broker_url() -> str:
+    """The embedded default broker: SQLite in ``./.conveyor`` (or ``$CONVEYOR_HOME``)."""
+    return f"sqla+sqlite:///{_home() / 'broker.db'}"
+
+
+def default_result_backend_url() -> str:
+    """The embedded default result store: SQLite next to the default broker."""
+    return f"db+sqlite:///{_home() / 'results.db'}"
+
+
+class App:
+    """A task application.
+
+    Args:
+        main: the app's name; tasks defined in ``__main__`` are named ``<main>.<function>``.
+        broker: broker URL (overrides ``CONVEYOR_BROKER_URL`` and ``conf.broker_url``).
+        backend: result backend URL (overrides ``CONVEYOR_RESULT_BACKEND`` and
+            ``conf.result_backend``).
+        include: modules the worker imports at start (where tasks are defined).
+        config_source: an object or module path loaded with ``config_from_object``.
+        registry: scheme registry to resolve URLs (default: the global one).
+        **settings: any setting, as ``conf.update(**settings)``.
+
+    Thread-safety: sending tasks and reading results is safe from any number of threads;
+    configure the app before sharing it.
+    """
+
+    def __init__(
+        self,
+        main: str | None = None,
+        *,
+        broker: str | None = None,
+        backend: str | None = None,
+        include: Sequence[str] = (),
+        config_source: Any = None,
+        registry: Registry | None = None,
+        **settings: Any,
+    ) -> None:
+        self.main = main
+        self.conf = Settings()
+        if config_source is not None:
+            self.config_from_object(config_source)
+        if settings:
+            self.conf.update(settings)
+        self._broker_arg = broker
+        self._backend_arg = backend
+        self.include = list(include)
+        self.registry = registry
+        self.tasks: dict[str, Task] = {}
+        self._lock = threading.Lock()
+        self._broker: Any = None
+        self._backend: Any = None
+        self._declared: set[str] = set()
+        self._forked_leftovers: tuple[Any, Any] = (None, None)
+        self.oid = str(uuid.uuid4())
+        self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
+
+    def __repr__(self) -> str:
+        return f"<App {self.main or '__main__'}: {mask_url(self.broker_url)}>"
+
+    # ---- configuration
+    def config_from_object(self, obj: Any, *, namespace: str | None = None) -> None:
+        """Load settings from a module (or its import path) or object, as Celery does."""
+        self.conf.from_object(obj, namespace=namespace)
+
+    @property
+    def broker_url(self) -> str:
+        """The broker URL in effect (argument > environment > conf > embedded default)."""
+        url = self._broker_arg or os.environ.get(_ENV_BROKER) or self.conf.broker_url
+        if url is None:
+            return default_broker_url()
+        if not str(url).strip():
+            raise ConfigurationError(
+                "the broker URL is empty; set a URL or leave it unset for the embedded default"
+            )
+        return str(url)
+
+    @property
+    def result_backend_url(self) -> str:
+        """The result backend URL in effect (argument > environment > conf > default)."""
+        url = self._backend_arg or os.environ.get(_ENV_BACKEND) or self.conf.result_backend
+        if url is None:
+            return default_result_backend_url()
+        if not str(url).strip():
+            raise ConfigurationError(
+                "the result backend URL is empty; set a URL or leave it unset for the default"
+            )
+        return str(url)
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        return self.broker_url == default_broker_url()
+
+    # ---- connections (lazy, long-lived, one per app)
+    @property
+    def broker(self) -> Any:
+        """The app's broker, built on first use and kept for the app's lifetime."""
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    url = self.broker_url
+                    if url == default_broker_url():
+                        _home().mkdir(parents=True, exist_ok=True)
+                    options = dict(self.conf.broker_transport_options or {})
+                    cls = (self.registry or default_registry).lookup("broker", url)
+                    if Capability.LEASE_EXTENSION in getattr(cls, "capabilities", ()):
+                        # The worker's heartbeat renews leases of this length.
+                        options.setdefault("lease_seconds", float(self.conf.worker_lease_seconds))
+                    self._broker = cls.from_url(url, **options)
+        return self._broker
+
+    @property
+    def backend(self) -> Any:
+        """The app's result backend, built on first use and kept for the app's lifetime."""
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    url = self.result_backend_url
+                    if url == default_result_backend_url():
+                        _home().mkdir(parents=True, exist_ok=True)
+                    options = dict(self.conf.result_backend_transport_options or {})
+                    self._backend = result_backend_from_url(url, registry=self.registry, **options)
+        return self._backend
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them.
+
+        Closing would send goodbyes on sockets the parent still uses; the objects are kept
+        referenced so no finalizer closes them either. The child builds its own on first use.
+        """
+        self._forked_leftovers = (self._broker, self._backend)
+        self._broker = None
+        self._backend = None
+        self._lock = threading.Lock()
+        self._declared = set()
+
+    def close(self) -> None:
+        """Close the broker and result backend connections. Idempotent."""
+        with self._lock:
+            broker, self._broker = self._broker, None
+            backend, self._backend = self._backend, None
+            self._declared.clear()
+        for conn in (broker, backend):
+            if conn is not None:
+                conn.close()
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- tasks
+    @overload
+    def task(self, fn: Callable[..., Any], /) -> Task: ...
+
+    @overload
+    def task(self, fn: None = None, /, **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
+    ) -> Task | Callable[[Callable[..., Any]], Task]:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``."""
+
+        def register(func: Callable[..., Any]) -> Task:
+            name = options.pop("name", None) or self.gen_task_name(func)
+            task = Task(self, func, name=name, **options)
+            self.tasks[name] = task
+            return task
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def gen_task_name(self, fn: Callable[..., Any]) -> str:
+        """Celery's naming: ``module.function``; ``__main__`` becomes the app's main name."""
+        module = getattr(fn, "__module__", None) or "__main__"
+        if module == "__main__" and self.main:
+            module = self.main
+        return f"{module}.{fn.__qualname__}"
+
+    def import_modules(self) -> None:
+        """Import the modules named in ``include`` (so their tasks register)."""
+        for name in self.include:
+            importlib.import_module(name)
+
+    # ---- sending
+    def route(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        """The queue for task ``name`` per ``task_routes`` (dicts with globs, callables, or a
+        list of those), else ``task_default_queue``."""
+        routes = self.conf.task_routes
+        if routes:
+            for router in routes if isinstance(routes, (list, tuple)) else [routes]:
+                found = self._apply_router(router, name, args, kwargs)
+                if found:
+                    return found
+        return str(self.conf.task_default_queue)
+
+    @staticmethod
+    def _apply_router(
+        router: Any, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> str | None:
+        if callable(router):
+            out = router(name, args, kwargs, {})
+        elif isinstance(router, Mapping):
+            out = router.get(name)
+            if out is None:
+                for pattern, value in router.items():
+                    if fnmatch.fnmatchcase(name, pattern):
+                        out = value
+                        break
+        else:
+            raise ConfigurationError(f"task_routes entry {router!r} is not a dict or callable")
+        if isinstance(out, str):
+            return out
+        if isinstance(out, Mapping):
+            queue = out.get("queue")
+            return str(queue) if queue else None
+        return None
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        compression: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        ignore_result: bool | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        retries: int = 0,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        group_id: str | None = None,
+        group_index: int | None = None,
+        reply_to: str | None = None,
+        **unknown: Any,
+    ) -> AsyncResult:
+        """Send task ``name`` (it need not be defined here) and return its ``AsyncResult``.
+
+        ``countdown``/``eta`` are held by the broker (``delayed_delivery``), never by a worker.
+
+        Raises:
+            UnsupportedFeature: a delay or priority the broker does not declare.
+            ConfigurationError: unknown options.
+        """
+        from conveyor.core.celery import TaskMessage, build_envelope
+
+        if unknown:
+            raise ConfigurationError(f"unknown apply_async option(s): {', '.join(sorted(unknown))}")
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        now = datetime.now(timezone.utc)
+        delay: float | None = None
+        if countdown is not None:
+            delay = max(0.0, float(countdown))
+            eta = now + timedelta(seconds=delay)
+        elif eta is not None:
+            eta = self._aware(eta)
+            delay = max(0.0, (eta - now).total_seconds())
+        expires_at: datetime | None
+        if isinstance(expires, (int, float)):
+            expires_at = now + timedelta(seconds=float(expires))
+        else:
+            expires_at = self._aware(expires) if expires is not None else None
+        if priority is None:
+            priority = self.conf.task_default_priority
+        task_id = task_id or str(uuid.uuid4())
+        message = TaskMessage(
+            task=name,
+            id=task_id,
+            args=args,
+            kwargs=kwargs,
+            eta=eta,
+            expires=expires_at,
+            retries=retries,
+            timelimit=(time_limit, soft_time_limit),
+            root_id=root_id or task_id,
+            parent_id=parent_id,
+            group=group_id,
+            group_index=group_index,
+            origin=self.origin,
+            ignore_result=bool(
+                self.conf.task_ignore_result if ignore_result is None else ignore_result
+            ),
+            reply_to=reply_to or self.oid,
+            priority=int(priority or 0),
+            headers=dict(headers or {}),
+        )
+        envelope = build_envelope(
+            message,
+            serializer=serializer or self.conf.task_serializer,
+            compression=compression or self.conf.task_compression,
+        )
+        target = queue or self.route(name, args, kwargs)
+        broker = self.broker
+        if target not in self._declared:
+            broker.declare_queue(target)
+            self._declared.add(target)
+        broker.publish(envelope, queue=target, delay=delay or None)
+        return AsyncResult(task_id, app=self)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        """A handle on an existing task id."""
+        return AsyncResult(task_id, app=self)
+
+    def _aware(self, when: datetime) -> datetime:
+        if when.tzinfo is not None:
+            return when
+        if self.conf.enable_utc or self.conf.timezone in (None, "UTC"):
+            return when.replace(tzinfo=timezone.utc)
+        from zoneinfo import ZoneInfo
+
+        return when.replace(tzinfo=ZoneInfo(str(self.conf.timezone)))
+
+    # ---- worker
+    def Worker(self, **options: Any) -> Any:  # noqa: N802 - Celery's name
+        """Build a :class:`conveyor.runtime.worker.Worker` for this app."""
+        from conveyor.runtime.worker import Worker
+
+        return Worker(self, **options)
+
+    def worker_main(self, argv: Iterable[str] | None = None) -> None:
+        """Run the worker CLI for this app (``app.worker_main(['worker', '-l', 'info'])``)."""
+        from conveyor.cli import main
+
+        main(args=list(argv or ["worker"]), obj=self)

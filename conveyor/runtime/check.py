@@ -1,0 +1,119 @@
+"""``conveyor check URL``: connect, run round trips, report capabilities and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from typing import Any
+
+from conveyor.core.errors import ConfigurationError, MissingDependency, OperationTimeout
+from conveyor.core.registry import default_registry
+from conveyor.core.types import Envelope, ResultRecord, State
+
+__all__ = ["percentile", "run_check"]
+
+Row = tuple[str, float, float, float]
+
+
+def _kind_of(url: str, kind: str) -> str:
+    if kind != "auto":
+        return kind
+    try:
+        default_registry.lookup("broker", url)
+        return "broker"
+    except MissingDependency:
+        raise
+    except ConfigurationError:
+        default_registry.lookup("result_backend", url)
+        return "backend"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of ``values`` (``fraction`` 0-1); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def _row(name: str, samples: list[float]) -> Row:
+    ms = [s * 1000.0 for s in samples]
+    return (name, statistics.median(ms), percentile(ms, 0.99), max(ms))
+
+
+def run_check(url: str, *, kind: str = "auto", rounds: int = 20) -> tuple[list[Row], set[str], str]:
+    """Run ``rounds`` round trips against ``url``.
+
+    Returns:
+        (rows of (operation, p50 ms, p99 ms, max ms), capability names, "broker"/"result
+        backend").
+
+    Raises:
+        ConveyorError: the URL is bad, the driver is missing, or the server failed.
+    """
+    rounds = max(1, rounds)
+    if _kind_of(url, kind) == "broker":
+        return _check_broker(url, rounds)
+    return _check_backend(url, rounds)
+
+
+def _check_broker(url: str, rounds: int) -> tuple[list[Row], set[str], str]:
+    from conveyor.core.registry import broker_from_url
+
+    broker: Any = broker_from_url(url)
+    queue = f"conveyor-check-{uuid.uuid4().hex[:8]}"
+    pub: list[float] = []
+    rcv: list[float] = []
+    ack: list[float] = []
+    try:
+        broker.declare_queue(queue)
+        for i in range(rounds):
+            env = Envelope(id=str(uuid.uuid4()), body=b'{"check": %d}' % i)
+            t0 = time.perf_counter()
+            broker.publish(env, queue=queue)
+            t1 = time.perf_counter()
+            got = broker.receive(queue, max_messages=1, timeout=5.0)
+            t2 = time.perf_counter()
+            if not got:
+                raise OperationTimeout(f"published message not received within 5s from {queue}")
+            broker.ack(got[0])
+            t3 = time.perf_counter()
+            pub.append(t1 - t0)
+            rcv.append(t2 - t1)
+            ack.append(t3 - t2)
+        broker.purge(queue)
+    finally:
+        broker.close()
+    caps = {c.value for c in type(broker).capabilities}
+    return [_row("publish", pub), _row("receive", rcv), _row("ack", ack)], caps, "broker"
+
+
+def _check_backend(url: str, rounds: int) -> tuple[list[Row], set[str], str]:
+    from conveyor.core.registry import result_backend_from_url
+
+    backend: Any = result_backend_from_url(url)
+    store: list[float] = []
+    fetch: list[float] = []
+    forget: list[float] = []
+    try:
+        for i in range(rounds):
+            task_id = f"conveyor-check-{uuid.uuid4()}"
+            record = ResultRecord(task_id=task_id, state=State.SUCCESS, result={"check": i})
+            t0 = time.perf_counter()
+            backend.store(record, ttl=60.0)
+            t1 = time.perf_counter()
+            got = backend.fetch(task_id)
+            t2 = time.perf_counter()
+            if got is None or got.result != {"check": i}:
+                raise OperationTimeout(f"stored result {task_id} not read back: {got!r}")
+            backend.forget(task_id)
+            t3 = time.perf_counter()
+            store.append(t1 - t0)
+            fetch.append(t2 - t1)
+            forget.append(t3 - t2)
+    finally:
+        backend.close()
+    caps = {c.value for c in type(backend).capabilities}
+    rows = [_row("store", store), _row("fetch", fetch), _row("forget", forget)]
+    return rows, caps, "result backend"
