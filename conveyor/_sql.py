@@ -143,7 +143,8 @@ class Database:
     @property
     def dialect(self) -> str:
         """``postgresql``, ``mysql`` (MariaDB too), ``sqlite`` or another SQLAlchemy name."""
-        return str(self.engine.dialect.name)
+        name = str(self.engine.dialect.name)
+        return "mysql" if name == "mariadb" else name
 
     @property
     def is_mariadb(self) -> bool:

@@ -1,0 +1,873 @@
+"""SQL result backend on SQLAlchemy, in Celery 5.7's own tables (``db+<url>``).
+
+Capabilities:
+    ``expiry_sweep`` (an indexed ``expires_at`` column; :meth:`purge_expired` deletes in
+    short batches; expired rows are never returned, swept or not), ``groups``
+    (``celery_tasksetmeta``), ``counters`` (atomic ``incr`` and idempotent ``add_member`` in
+    ``conveyor_counter``), ``multi_reader``, ``durable``, ``cross_process`` (SQLite
+    ``:memory:`` excepted: one process). Not ``wait``: readers poll
+    (:func:`conveyor.core.wait_for`). Not ``native_ttl``: SQL has no row TTL.
+
+URL:
+    ``db+<SQLAlchemy URL>`` or ``database+<SQLAlchemy URL>``, Celery's spelling:
+    ``db+sqlite:///results.db``, ``db+postgresql+psycopg://user:pass@host/db``,
+    ``db+mysql+pymysql://user:pass@host/db``. Query keys that are options (below) are removed
+    before the URL reaches SQLAlchemy; others go to the driver.
+
+Options (keyword > URL query > default; :class:`SQLAlchemyResultBackendOptions`):
+    ``default_ttl`` (86400.0: Celery's ``result_expires``), ``serializer`` (``json``:
+    Celery's ``result_serializer``), ``accept`` (serializers ``fetch`` decodes; default: the
+    serializer alone), ``task_table`` (``celery_taskmeta``), ``group_table``
+    (``celery_tasksetmeta``), ``counter_table`` (``conveyor_counter``), ``schema``,
+    ``create_tables`` (True), ``max_retries`` (10) and the engine settings of the SQL broker
+    (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``,
+    ``connect_timeout``, ``operation_timeout``, ``sqlite_synchronous``, ``echo``).
+
+Thread-safety:
+    One instance may be shared by the threads of one process (each call takes a pooled
+    connection). Build a new instance after ``fork()``.
+
+Celery compatibility (``docs/backends/sql.md`` and celery-wire.md 4.5):
+
+* The tables have Celery 5.7's columns, names and meanings: ``task_id`` unique, ``status``,
+  ``result`` = the result (or the exception document) encoded with the result serializer,
+  ``date_done`` naive UTC (set for ready states), ``traceback``, ``children`` (encoded, NULL
+  when absent), the ``result_extended`` columns ``name``/``args``/``kwargs``/``worker``/
+  ``retries``/``queue``/``stamps`` (Celery 5.7 always creates them; we fill them from
+  ``ResultRecord.extended``), ids from the sequences ``task_id_sequence`` /
+  ``taskset_id_sequence`` on PostgreSQL. Group rows hold the encoded group tuple
+  ``[[gid, null], [[[task_id, null], null], ...]]``.
+* Three nullable columns are ours: ``expires_at`` (indexed; Celery ignores it), ``group_id``
+  and ``parent_id`` (Celery's SQL backend drops them; we keep them). An existing Celery table
+  gets them with ``ALTER TABLE ... ADD COLUMN`` on first use (as Celery 5.7 itself adds
+  ``children``/``stamps`` to older tables). Rows Celery writes have ``expires_at`` NULL and
+  expire ``default_ttl`` after ``date_done``, exactly like Celery's ``backend_cleanup``;
+  non-ready rows Celery writes (NULL ``date_done``) never expire, as in Celery.
+* On MariaDB/MySQL the binary and text columns are ``LONGBLOB``/``LONGTEXT`` and times
+  ``DATETIME(6)`` (Celery's defaults, ``BLOB`` and ``DATETIME``, cap results at 64 KiB and
+  drop sub-second times); Celery reads both layouts the same way.
+* A stored SUCCESS is never overwritten, in ONE statement: ``INSERT ... ON CONFLICT DO
+  UPDATE ... WHERE status <> 'SUCCESS'`` (PostgreSQL, SQLite) or ``ON DUPLICATE KEY UPDATE``
+  with ``IF(status = 'SUCCESS', old, new)`` (MariaDB/MySQL).
+* Times: the client clock (as Celery's ``date_done`` and ``cleanup``), stored as naive UTC.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import mysql as mysql_dialect
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine
+
+from conveyor._sql import (
+    Database,
+    EngineSettings,
+    create_all_race_safe,
+    make_database,
+    split_url,
+    sql_identifier,
+    translate_error,
+)
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.capabilities import Capability
+from conveyor.core.celery import group_from_meta, group_meta, meta_from_record, record_from_meta
+from conveyor.core.errors import ConfigurationError, ConnectionLost, DecodeError
+from conveyor.core.options import build_options
+from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
+
+__all__ = [
+    "SQLAlchemyResultBackend",
+    "SQLAlchemyResultBackendOptions",
+    "counter_table",
+    "group_table",
+    "task_table",
+]
+
+log = logging.getLogger("conveyor.backends.sqlalchemy")
+
+_SCHEMES = ("db", "database")
+_UTC = timezone.utc
+_SUCCESS = State.SUCCESS.value
+_FETCH_CHUNK = 500
+_KEY_LENGTH = 255
+# Extended columns (Celery's result_extended) and the ResultRecord.extended keys they hold.
+_EXTENDED_TEXT = ("name", "worker", "queue")
+_EXTENDED_CODED = ("args", "kwargs")
+# Columns a table created by an older Celery may lack; we then neither write nor read them.
+_OPTIONAL = frozenset({"children", "stamps", *_EXTENDED_TEXT, *_EXTENDED_CODED, "retries"})
+# Columns we add to Celery's tables when missing.
+_OURS = ("expires_at", "group_id", "parent_id")
+
+
+@dataclass(frozen=True)
+class SQLAlchemyResultBackendOptions:
+    """Options of :class:`SQLAlchemyResultBackend` (seconds as float).
+
+    Attributes:
+        default_ttl: lifetime of a record, group or counter stored with ``ttl=None``; also
+            the lifetime after ``date_done`` of rows Celery wrote. ``None``/0: forever
+            (explicit configuration only).
+        serializer: result serializer name (Celery's ``result_serializer``).
+        accept: serializers ``fetch`` may decode; empty means ``(serializer,)``. A
+            pre-5.7 pickled row decodes only when ``pickle`` is accepted.
+        task_table, group_table: Celery's ``database_table_names`` ``task`` / ``group``.
+        counter_table: conveyor's counter table.
+        schema: database schema for all three, or None.
+        create_tables: create missing tables (and add our columns) on first use.
+        max_retries: attempts for transactions that hit deadlocks/serialization failures.
+        Others: engine settings, as for the SQL broker.
+    """
+
+    default_ttl: float | None = DEFAULT_RESULT_TTL
+    serializer: str = "json"
+    accept: tuple[str, ...] = ()
+    task_table: str = "celery_taskmeta"
+    group_table: str = "celery_tasksetmeta"
+    counter_table: str = "conveyor_counter"
+    schema: str | None = None
+    create_tables: bool = True
+    max_retries: int = 10
+    pool_size: int | None = None
+    max_overflow: int | None = None
+    pool_timeout: float | None = None
+    pool_recycle: float | None = 3600.0
+    connect_timeout: float | None = 10.0
+    operation_timeout: float | None = 30.0
+    sqlite_synchronous: str = "NORMAL"
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        ttl = self.default_ttl
+        if ttl is not None and not (ttl >= 0 and (math.isfinite(ttl) or ttl == math.inf)):
+            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        if self.max_retries < 1:
+            raise ConfigurationError("max_retries must be >= 1")
+        for name in ("task_table", "group_table", "counter_table"):
+            sql_identifier(getattr(self, name), name)
+        if self.schema is not None:
+            sql_identifier(self.schema, "schema")
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            pool_size=self.pool_size,
+            max_overflow=self.max_overflow,
+            pool_timeout=self.pool_timeout,
+            pool_recycle=self.pool_recycle,
+            connect_timeout=self.connect_timeout,
+            operation_timeout=self.operation_timeout,
+            sqlite_synchronous=self.sqlite_synchronous,
+            echo=self.echo,
+        )
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(SQLAlchemyResultBackendOptions))
+
+
+def _blob() -> sa.types.TypeEngine[bytes]:
+    return sa.LargeBinary().with_variant(mysql_dialect.LONGBLOB(), "mysql", "mariadb")
+
+
+def _datetime() -> sa.types.TypeEngine[datetime]:
+    return sa.DateTime().with_variant(mysql_dialect.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:
+    # Celery: Integer (BigInteger on MSSQL) with a named sequence, which PostgreSQL needs to
+    # exist because Celery's ORM inserts call nextval() on it by name.
+    return sa.Column(
+        "id",
+        sa.Integer().with_variant(sa.BigInteger(), "mssql"),
+        sa.Sequence(sequence, schema=schema),
+        primary_key=True,
+        autoincrement=True,
+    )
+
+
+def task_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
+    """Celery 5.7's ``celery_taskmeta`` (extended layout, as 5.7 always creates it) plus
+    conveyor's ``expires_at`` (indexed), ``group_id`` and ``parent_id``."""
+    return sa.Table(
+        name,
+        metadata,
+        _id_column("task_id_sequence", schema),
+        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("status", sa.String(50)),
+        sa.Column("result", _blob(), nullable=True),
+        sa.Column("date_done", _datetime(), nullable=True, index=True),
+        sa.Column(
+            "traceback",
+            sa.Text().with_variant(mysql_dialect.LONGTEXT(), "mysql", "mariadb"),
+            nullable=True,
+        ),
+        sa.Column("children", _blob(), nullable=True),
+        sa.Column("name", sa.String(155), nullable=True),
+        sa.Column("args", _blob(), nullable=True),
+        sa.Column("kwargs", _blob(), nullable=True),
+        sa.Column("worker", sa.String(155), nullable=True),
+        sa.Column("retries", sa.Integer(), nullable=True),
+        sa.Column("queue", sa.String(155), nullable=True),
+        sa.Column("stamps", _blob(), nullable=True),
+        sa.Column("expires_at", _datetime(), nullable=True, index=True),
+        sa.Column("group_id", sa.String(155), nullable=True),
+        sa.Column("parent_id", sa.String(155), nullable=True),
+        schema=schema,
+        sqlite_autoincrement=True,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+
+
+def group_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
+    """Celery 5.7's ``celery_tasksetmeta`` plus conveyor's ``expires_at`` (indexed)."""
+    return sa.Table(
+        name,
+        metadata,
+        _id_column("taskset_id_sequence", schema),
+        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("result", _blob(), nullable=True),
+        sa.Column("date_done", _datetime(), nullable=True, index=True),
+        sa.Column("expires_at", _datetime(), nullable=True, index=True),
+        schema=schema,
+        sqlite_autoincrement=True,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+
+
+def counter_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
+    """conveyor's counters and join sets.
+
+    One head row per key (``member = ''``) holds the counter value, or the member count of
+    a set, and the key's expiry; one row per set member (``member = '+' + name``).
+    """
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+        sa.Column("counter_key", sa.String(_KEY_LENGTH), nullable=False),
+        sa.Column("member", sa.String(_KEY_LENGTH), nullable=False),
+        sa.Column("value", sa.BigInteger(), nullable=False),
+        sa.Column("expires_at", _datetime(), nullable=True, index=True),
+        sa.UniqueConstraint("counter_key", "member", name=f"uq_{name}_key_member"),
+        schema=schema,
+        mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
+    )
+
+
+def _utcnow() -> datetime:
+    """Naive UTC wall time, the convention of Celery's ``date_done`` column."""
+    return datetime.now(_UTC).replace(tzinfo=None)
+
+
+def _naive_utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value
+    return value.astimezone(_UTC).replace(tzinfo=None)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
+
+
+class SQLAlchemyResultBackend(ResultBackendBase):
+    """Result backend in Celery's SQL tables; see the module docstring.
+
+    Args:
+        engine: a ready SQLAlchemy engine (not disposed by ``close``).
+        options: :class:`SQLAlchemyResultBackendOptions`; defaults when None.
+        serializers: the serializer registry (default: the process-wide one).
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {
+            Capability.EXPIRY_SWEEP,
+            Capability.GROUPS,
+            Capability.COUNTERS,
+            Capability.MULTI_READER,
+            Capability.DURABLE,
+            Capability.CROSS_PROCESS,
+        }
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        options: SQLAlchemyResultBackendOptions | None = None,
+        *,
+        serializers: SerializerRegistry | None = None,
+        _database: Database | None = None,
+        _url: str | None = None,
+    ) -> None:
+        self.options = options or SQLAlchemyResultBackendOptions()
+        opts = self.options
+        if _database is None:
+            _database = make_database(
+                engine.url,
+                url_text=engine.url.render_as_string(hide_password=True),
+                settings=opts.engine_settings(),
+                max_retries=opts.max_retries,
+                engine=engine,
+            )
+        self._db = _database
+        self.url = _url or f"db+{self._db.engine.url.render_as_string(hide_password=True)}"
+        self.default_ttl = opts.default_ttl if opts.default_ttl else None
+        self._serializers = serializers or default_serializers
+        self._serializer = self._serializers.get(opts.serializer)
+        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        self._metadata = sa.MetaData()
+        self._tasks = task_table(self._metadata, opts.task_table, schema=opts.schema)
+        self._groups = group_table(self._metadata, opts.group_table, schema=opts.schema)
+        self._counters = counter_table(self._metadata, opts.counter_table, schema=opts.schema)
+        # Columns of the task table as it exists in the database (Celery may have created it).
+        self._task_columns: frozenset[str] = frozenset(self._tasks.c.keys())
+        self._schema_ready = False
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, serializers: SerializerRegistry | None = None, **options: Any
+    ) -> SQLAlchemyResultBackend:
+        """Build a backend (and its own engine, disposed by ``close``) from ``url``.
+
+        Does not connect; the first operation does (and creates/updates tables if allowed).
+
+        Raises:
+            InvalidURL, ConfigurationError, MissingDependency: see the SQL broker.
+        """
+        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=_OPTION_NAMES)
+        opts = build_options(SQLAlchemyResultBackendOptions, query, options, owner="db+ backend")
+        db = make_database(
+            sa_url, url_text=url, settings=opts.engine_settings(), max_retries=opts.max_retries
+        )
+        return cls(db.engine, opts, serializers=serializers, _database=db, _url=url)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine."""
+        return self._db.engine
+
+    # ------------------------------------------------------------------ schema
+    def create_tables(self) -> None:
+        """Create the three tables if missing and add conveyor's columns to a task/group
+        table Celery created. Idempotent and safe when several processes race. Blocking."""
+        self._check_open()
+        create_all_race_safe(self._db, self._metadata, what="create result tables")
+        self._task_columns = self._adopt(self._tasks)
+        self._adopt(self._groups)
+        self._schema_ready = True
+
+    def _adopt(self, table: sa.Table) -> frozenset[str]:
+        """Add our missing columns to an existing table; return the columns it has."""
+        present = self._columns_of(table)
+        missing = [c for c in _OURS if c in table.c and c not in present]
+        for name in missing:
+            self._add_column(table, name)
+        present = self._columns_of(table) if missing else present
+        unusable = {c.name for c in table.c if c.name not in present} - _OPTIONAL
+        if unusable:
+            raise ConfigurationError(
+                f"table {table.name!r} on {self._db.masked_url} lacks column(s) "
+                f"{sorted(unusable)}; add them (nullable) or let conveyor create the table"
+            )
+        return frozenset(present)
+
+    def _columns_of(self, table: sa.Table) -> set[str]:
+        try:
+            if self._db.lock is not None:
+                with self._db.lock:
+                    inspector = sa.inspect(self._db.engine)
+                    return {c["name"] for c in inspector.get_columns(table.name, table.schema)}
+            inspector = sa.inspect(self._db.engine)
+            return {c["name"] for c in inspector.get_columns(table.name, table.schema)}
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate_error(exc, what="inspect tables", url=self._db.url_text) from exc
+
+    def _add_column(self, table: sa.Table, name: str) -> None:
+        column = table.c[name]
+        dialect = self._db.engine.dialect
+        prep = dialect.identifier_preparer
+        ddl = (
+            f"ALTER TABLE {prep.format_table(table)} ADD COLUMN "
+            f"{prep.quote(name)} {column.type.compile(dialect)}"
+        )
+        log.info("adding column %s to %s", name, table.name)
+        try:
+            with self._db.engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+                for index in table.indexes:
+                    if [c.name for c in index.columns] == [name]:
+                        index.create(conn, checkfirst=True)
+        except sa_exc.SQLAlchemyError as exc:
+            text = str(getattr(exc, "orig", exc)).lower()
+            if "duplicate" not in text and "exist" not in text:  # not another process's ALTER
+                raise translate_error(
+                    exc, what=f"add column {name}", url=self._db.url_text
+                ) from exc
+
+    def _ensure_schema(self) -> None:
+        self._check_open()
+        if self._schema_ready:
+            return
+        if self.options.create_tables:
+            self.create_tables()
+        else:
+            self._task_columns = frozenset(self._columns_of(self._tasks))
+            self._schema_ready = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionLost(f"{self!r} is closed")
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, value: Any) -> bytes:
+        body, _, _ = self._serializers.encode(value, self._serializer.name)
+        return body
+
+    def _decode(self, data: bytes | None) -> Any:
+        if data is None:
+            return None
+        raw = bytes(data)
+        try:
+            return self._serializers.decode(
+                raw,
+                self._serializer.content_type,
+                self._serializer.content_encoding,
+                accept=self._accept,
+            )
+        except DecodeError:
+            # Rows written by Celery <= 5.6 hold a pickle whatever the serializer; read them
+            # only where pickle was explicitly accepted (Celery reads them unconditionally).
+            if raw[:1] == b"\x80" and "pickle" in self._accept:
+                return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
+            raise
+
+    def _expires(self, ttl: float | None) -> datetime | None:
+        seconds = self._ttl(ttl)
+        if seconds is None or math.isinf(seconds):
+            return None
+        return _utcnow() + timedelta(seconds=seconds)
+
+    def _alive(self, table: sa.Table, now: datetime) -> sa.ColumnElement[bool]:
+        """Rows not expired at ``now``: ours by ``expires_at``, Celery's (NULL
+        ``expires_at``) by ``date_done`` + ``default_ttl``, as Celery's cleanup decides."""
+        own = table.c.expires_at > now
+        if self.default_ttl is None or math.isinf(self.default_ttl):
+            return sa.or_(own, table.c.expires_at.is_(None))
+        cutoff = now - timedelta(seconds=self.default_ttl)
+        foreign = sa.and_(
+            table.c.expires_at.is_(None),
+            sa.or_(table.c.date_done.is_(None), table.c.date_done > cutoff),
+        )
+        return sa.or_(own, foreign)
+
+    # ------------------------------------------------------------------ store
+    def _values(self, record: ResultRecord, ttl: float | None) -> dict[str, Any]:
+        meta = meta_from_record(record, include_task_id=False)
+        done = record.date_done
+        if done is None and record.state in READY_STATES:
+            done = datetime.now(_UTC)
+        values: dict[str, Any] = {
+            "task_id": record.task_id,
+            "status": record.state.value,
+            "result": self._encode(meta["result"]),
+            "date_done": _naive_utc(done) if done is not None else None,
+            "traceback": record.traceback,
+            "children": None if record.children is None else self._encode(record.children),
+            "expires_at": self._expires(ttl),
+            "group_id": record.group_id,
+            "parent_id": record.parent_id,
+        }
+        extended = dict(record.extended)
+        for key in _EXTENDED_TEXT:
+            values[key] = extended.get(key)
+        for key in _EXTENDED_CODED:
+            values[key] = self._encode(extended[key]) if key in extended else None
+        values["retries"] = extended.get("retries")
+        if extended.get("stamped_headers"):
+            info = {
+                "stamped_headers": extended["stamped_headers"],
+                "stamps": extended.get("stamps") or {},
+            }
+            values["stamps"] = self._encode(info)
+        else:
+            values["stamps"] = None
+        return {k: v for k, v in values.items() if k in self._task_columns}
+
+    def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
+        """Upsert the row for ``record.task_id`` in one statement, unless it holds SUCCESS.
+
+        ``ttl`` (seconds; None: ``default_ttl``) sets ``expires_at``. Blocking, one round
+        trip (two on MariaDB/MySQL when the row exists: none extra). Thread-safe.
+
+        Raises:
+            EncodeError: the result cannot be serialized.
+            OperationalError: the database failed (nothing was written).
+        """
+        self._ensure_schema()
+        values = self._values(record, ttl)
+        t = self._tasks
+        keep = t.c.status == _SUCCESS
+
+        def work(conn: Connection) -> None:
+            self._upsert(conn, t, ("task_id",), values, keep=keep)
+
+        self._db.transaction(work, what="store result")
+
+    def _upsert(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        keys: Sequence[str],
+        values: Mapping[str, Any],
+        *,
+        keep: sa.ColumnElement[bool] | None = None,
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """INSERT, or UPDATE the row with the same ``keys`` unless ``keep`` holds for it.
+
+        ``update`` overrides the values written on conflict (default: ``values``).
+        """
+        changes = dict(update if update is not None else values)
+        for key in keys:
+            changes.pop(key, None)
+        dialect = self._db.dialect
+        if dialect in ("postgresql", "sqlite"):
+            module: Any = pg_dialect if dialect == "postgresql" else sqlite_dialect
+            ins = module.insert(table).values(**values)
+            sets = {k: (ins.excluded[k] if update is None else v) for k, v in changes.items()}
+            where = None
+            if keep is not None:
+                # status <> 'SUCCESS' is NULL for a NULL status: still replace such a row.
+                where = sa.or_(table.c.status.is_(None), sa.not_(keep))
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=[table.c[k] for k in keys], set_=sets, where=where
+                )
+            )
+        elif dialect == "mysql":
+            ins = mysql_dialect.insert(table).values(**values)
+            pairs: list[tuple[str, Any]] = []
+            for k, v in changes.items():
+                new = ins.inserted[k] if update is None else v
+                pairs.append((k, new if keep is None else sa.func.if_(keep, table.c[k], new)))
+            # MySQL applies assignments left to right and later ones see earlier results:
+            # the guard column itself must be assigned last.
+            pairs.sort(key=lambda kv: kv[0] == "status")
+            conn.execute(ins.on_duplicate_key_update(pairs))
+        else:
+            match = sa.and_(*(table.c[k] == values[k] for k in keys))
+            guard = match if keep is None else sa.and_(match, sa.not_(keep))
+            if conn.execute(sa.update(table).where(guard).values(**changes)).rowcount:
+                return
+            if conn.execute(sa.select(table.c.id).where(match)).first() is None:
+                conn.execute(sa.insert(table).values(**values))
+
+    # ------------------------------------------------------------------ fetch
+    def _columns(self) -> list[sa.ColumnElement[Any]]:
+        return [c for c in self._tasks.c if c.name in self._task_columns and c.name != "id"]
+
+    def _record(self, row: Any) -> ResultRecord:
+        data = row._mapping
+        meta: dict[str, Any] = {
+            "status": data["status"],
+            "result": self._decode(data["result"]),
+            "traceback": data["traceback"],
+            "children": self._decode(data.get("children")),
+            "date_done": _aware(data["date_done"]),
+            "group_id": data.get("group_id"),
+            "parent_id": data.get("parent_id"),
+        }
+        for key in (*_EXTENDED_TEXT, "retries"):
+            if data.get(key) is not None:
+                meta[key] = data[key]
+        for key in _EXTENDED_CODED:
+            if data.get(key) is not None:
+                meta[key] = self._decode(data[key])
+        stamps = self._decode(data.get("stamps"))
+        if isinstance(stamps, dict) and stamps.get("stamped_headers"):
+            meta["stamped_headers"] = stamps["stamped_headers"]
+            meta["stamps"] = stamps.get("stamps") or {}
+        return record_from_meta(meta, str(data["task_id"]))
+
+    def fetch(self, task_id: str) -> ResultRecord | None:
+        """The unexpired record for ``task_id`` or None. One query. Thread-safe.
+
+        Raises:
+            DecodeError, ContentDisallowed: the stored result cannot be decoded.
+            OperationalError: the database failed.
+        """
+        self._ensure_schema()
+        t = self._tasks
+
+        def work(conn: Connection) -> Any:
+            stmt = sa.select(*self._columns()).where(
+                t.c.task_id == task_id, self._alive(t, _utcnow())
+            )
+            return conn.execute(stmt).first()
+
+        row = self._db.transaction(work, what="fetch result", readonly=True)
+        return None if row is None else self._record(row)
+
+    def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
+        """Unexpired records for ``task_ids`` (missing ids absent): one ``IN`` query per 500
+        ids, all in one read transaction."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return {}
+        self._ensure_schema()
+        t = self._tasks
+
+        def work(conn: Connection) -> list[Any]:
+            now = _utcnow()
+            rows: list[Any] = []
+            for start in range(0, len(ids), _FETCH_CHUNK):
+                chunk = ids[start : start + _FETCH_CHUNK]
+                stmt = sa.select(*self._columns()).where(
+                    t.c.task_id.in_(chunk), self._alive(t, now)
+                )
+                rows.extend(conn.execute(stmt))
+            return rows
+
+        rows = self._db.transaction(work, what="fetch results", readonly=True)
+        found = {str(row.task_id): self._record(row) for row in rows}
+        return {task_id: found[task_id] for task_id in ids if task_id in found}
+
+    def forget(self, task_id: str) -> None:
+        """Delete the row of ``task_id``. Idempotent."""
+        self._ensure_schema()
+        t = self._tasks
+        self._db.transaction(
+            lambda conn: conn.execute(sa.delete(t).where(t.c.task_id == task_id)),
+            what="forget result",
+        )
+
+    # ------------------------------------------------------------------ groups
+    def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
+        """Save (or replace) the group row: Celery's encoded group tuple. One statement."""
+        self._ensure_schema()
+        done = record.date_done or datetime.now(_UTC)
+        values = {
+            "taskset_id": record.group_id,
+            "result": self._encode(group_meta(record.group_id, record.task_ids)["result"]),
+            "date_done": _naive_utc(done),
+            "expires_at": self._expires(ttl),
+        }
+        g = self._groups
+        self._db.transaction(
+            lambda conn: self._upsert(conn, g, ("taskset_id",), values), what="store group"
+        )
+
+    def fetch_group(self, group_id: str) -> GroupRecord | None:
+        """The unexpired group or None (Celery's rows included)."""
+        self._ensure_schema()
+        g = self._groups
+
+        def work(conn: Connection) -> Any:
+            stmt = sa.select(g.c.result, g.c.date_done).where(
+                g.c.taskset_id == group_id, self._alive(g, _utcnow())
+            )
+            return conn.execute(stmt).first()
+
+        row = self._db.transaction(work, what="fetch group", readonly=True)
+        if row is None:
+            return None
+        group = group_from_meta(self._decode(row.result), group_id)
+        return GroupRecord(group_id, tuple(group.task_ids), _aware(row.date_done))
+
+    def forget_group(self, group_id: str) -> None:
+        """Delete the group row (not its members' results). Idempotent."""
+        self._ensure_schema()
+        g = self._groups
+        self._db.transaction(
+            lambda conn: conn.execute(sa.delete(g).where(g.c.taskset_id == group_id)),
+            what="forget group",
+        )
+
+    # ------------------------------------------------------------------ counters
+    @staticmethod
+    def _check_key(key: str, what: str = "key") -> None:
+        if not isinstance(key, str) or not key or len(key) > _KEY_LENGTH - 1:
+            raise ConfigurationError(f"counter {what} must be 1-{_KEY_LENGTH - 1} characters")
+
+    def _head_expired(self, now: datetime) -> sa.ColumnElement[bool]:
+        c = self._counters
+        return sa.and_(c.c.expires_at.is_not(None), c.c.expires_at <= now)
+
+    def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """Atomically add ``amount`` to counter ``key`` (expired or missing: 0 first); set
+        its expiry to ``ttl`` from now. One upsert (plus a read on MariaDB/MySQL)."""
+        self._ensure_schema()
+        self._check_key(key)
+        c = self._counters
+        expires = self._expires(ttl)
+
+        def work(conn: Connection) -> int:
+            now = _utcnow()
+            values = {"counter_key": key, "member": "", "value": amount, "expires_at": expires}
+            value = sa.case(
+                (self._head_expired(now), sa.literal(amount)),
+                else_=c.c.value + sa.literal(amount),
+            )
+            self._upsert(
+                conn,
+                c,
+                ("counter_key", "member"),
+                values,
+                update={"value": value, "expires_at": expires},
+            )
+            return self._head_value(conn, key)
+
+        return self._db.transaction(work, what="incr")
+
+    def _head_value(self, conn: Connection, key: str) -> int:
+        c = self._counters
+        stmt = sa.select(c.c.value).where(c.c.counter_key == key, c.c.member == "")
+        return int(conn.execute(stmt).scalar_one())
+
+    def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
+        """Add ``member`` to set ``key`` (a repeat counts once); return the set's size.
+
+        Atomic across processes: the key's head row is locked (upserted) first, so
+        concurrent adders of one key serialise and each sees the others' members.
+        """
+        self._ensure_schema()
+        self._check_key(key)
+        self._check_key(member, "member")
+        c = self._counters
+        expires = self._expires(ttl)
+
+        def work(conn: Connection) -> int:
+            now = _utcnow()
+            head = sa.and_(c.c.counter_key == key, c.c.member == "")
+            stale = conn.execute(sa.select(c.c.id).where(head, self._head_expired(now))).first()
+            if stale is not None:  # the previous generation of this key expired
+                conn.execute(sa.delete(c).where(c.c.counter_key == key))
+            self._upsert(
+                conn,
+                c,
+                ("counter_key", "member"),
+                {"counter_key": key, "member": "", "value": 0, "expires_at": expires},
+                update={"expires_at": expires},
+            )
+            row = {"counter_key": key, "member": "+" + member, "value": 0, "expires_at": None}
+            if self._db.dialect == "mysql":
+                ignore = sa.insert(c).prefix_with("IGNORE").values(**row)
+                added = conn.execute(ignore).rowcount == 1
+            elif self._db.dialect in ("postgresql", "sqlite"):
+                # RETURNING yields a row only when the member was new (rowcount is not
+                # reliable for ON CONFLICT DO NOTHING across drivers).
+                module: Any = pg_dialect if self._db.dialect == "postgresql" else sqlite_dialect
+                ins = module.insert(c).values(**row).on_conflict_do_nothing()
+                added = conn.execute(ins.returning(c.c.id)).first() is not None
+            else:
+                exists = sa.select(c.c.id).where(
+                    c.c.counter_key == key, c.c.member == row["member"]
+                )
+                added = conn.execute(exists).first() is None
+                if added:
+                    conn.execute(sa.insert(c).values(**row))
+            if added:
+                conn.execute(sa.update(c).where(head).values(value=c.c.value + 1))
+            return self._head_value(conn, key)
+
+        return self._db.transaction(work, what="add_member")
+
+    def forget_key(self, key: str) -> None:
+        """Delete counter or set ``key`` with all its members. Idempotent."""
+        self._ensure_schema()
+        c = self._counters
+        self._db.transaction(
+            lambda conn: conn.execute(sa.delete(c).where(c.c.counter_key == key)),
+            what="forget key",
+        )
+
+    # ------------------------------------------------------------------ expiry
+    def purge_expired(self, *, batch_size: int = 1000) -> int:
+        """Delete expired results, groups and counters, ``batch_size`` rows per short
+        transaction (ids picked with ``SKIP LOCKED`` where supported, then deleted by
+        primary key), so no long table lock is ever taken. Returns the rows deleted.
+
+        Safe to run from several processes at once. Blocks until nothing expired is left.
+        """
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be >= 1")
+        self._ensure_schema()
+        now = _utcnow()
+        total = 0
+        for table in (self._tasks, self._groups):
+            total += self._purge(table, table.c.expires_at <= now, batch_size)
+            if self.default_ttl is not None and not math.isinf(self.default_ttl):
+                cutoff = now - timedelta(seconds=self.default_ttl)
+                celery_rows = sa.and_(table.c.expires_at.is_(None), table.c.date_done <= cutoff)
+                total += self._purge(table, celery_rows, batch_size)
+        total += self._purge_counters(now, batch_size)
+        return total
+
+    def _purge(self, table: sa.Table, expired: sa.ColumnElement[bool], batch: int) -> int:
+        total = 0
+        while True:
+
+            def work(conn: Connection) -> tuple[int, int]:
+                pick = (
+                    sa.select(table.c.id)
+                    .where(expired)
+                    .order_by(table.c.id)
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                )
+                ids = list(conn.execute(pick).scalars())
+                if not ids:
+                    return 0, 0
+                deleted = conn.execute(sa.delete(table).where(table.c.id.in_(ids), expired))
+                return len(ids), int(deleted.rowcount)
+
+            seen, deleted = self._db.transaction(work, what=f"purge expired {table.name}")
+            total += deleted
+            if seen < batch:
+                return total
+
+    def _purge_counters(self, now: datetime, batch: int) -> int:
+        c = self._counters
+        total = 0
+        while True:
+
+            def work(conn: Connection) -> tuple[int, int]:
+                pick = (
+                    sa.select(c.c.counter_key)
+                    .where(c.c.member == "", self._head_expired(now))
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                )
+                keys = list(conn.execute(pick).scalars())
+                if not keys:
+                    return 0, 0
+                deleted = conn.execute(sa.delete(c).where(c.c.counter_key.in_(keys)))
+                return len(keys), int(deleted.rowcount)
+
+            seen, deleted = self._db.transaction(work, what="purge expired counters")
+            total += deleted
+            if seen < batch:
+                return total
+
+    # ------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Dispose of the engine if this backend built it. Idempotent; afterwards every
+        operation raises :class:`ConnectionLost`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._db.dispose()
