@@ -35,7 +35,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install --quiet --editable '.[dev]'
+	@echo "make: installing conveyor[dev] (editable) into $(VENV)"
+	@# -qq: pip's warnings about this machine's extra local indexes are noise.
+	$(BIN)/python -m pip install -qq --editable '.[dev]'
 	@touch $@
 
 test: venv
