@@ -1,0 +1,492 @@
+"""Redis result backend in Celery's key layout (``redis://``, ``rediss://``, ``sentinel://``).
+
+Capabilities:
+    ``native_ttl`` (every record, group and counter has a Redis expiry; ``ttl=None`` means
+    ``default_ttl``, one day), ``wait`` (pub/sub on the record's key, the channel Celery
+    clients wait on), ``counters`` (``incr`` and the idempotent ``add_member``, each one
+    atomic transaction with its expiry), ``groups`` (Celery's ``celery-taskset-meta-<id>``),
+    ``multi_reader``, ``durable`` (as durable as the server's persistence settings),
+    ``cross_process``.
+
+URL:
+    As the Redis broker (:mod:`conveyor.transports.redis`): ``redis://[[user]:password@]host
+    [:port][/db]``, ``rediss://...?ssl_cert_reqs=...``, ``redis+socket:///path?virtual_host=N``,
+    ``sentinel://h1:26379;sentinel://h2:26379/db`` with ``master_name``. Query keys are the
+    options below (Celery passes unknown ones to redis-py; conveyor names the typo instead).
+
+Options (keyword > URL query > default; :class:`RedisResultBackendOptions`):
+    ``default_ttl`` (86400.0: Celery's ``result_expires``; None/0 keeps records until
+    forgotten, only when asked for), ``serializer`` (``json``: ``result_serializer``),
+    ``accept`` (serializers ``fetch`` decodes; default: the serializer alone),
+    ``compression`` (None: Celery 5.7's ``result_compression``; Celery <= 5.6 cannot read
+    such values), ``global_keyprefix`` (Celery's ``result_backend_transport_options``
+    prefix: an ``_`` is added unless it ends in ``:``, ``_``, ``-`` or ``.``),
+    ``wait_recheck_interval`` (1.0: while waiting, the record is also re-read this often, so
+    a notification lost to a reconnect or a writer that does not publish costs at most this
+    long), and the connection settings of the broker (``socket_timeout``, ``max_retries``,
+    ``master_name``, ``ssl_*``, ...).
+
+Thread-safety:
+    One instance may be shared by the threads of one process: commands use redis-py's
+    thread-safe pool; each ``wait`` call uses its own pub/sub connection from that pool for
+    its duration. Never share an instance across ``fork()``.
+
+Celery compatibility (celery-wire.md 4.4):
+
+* Records: ``celery-task-meta-<task id>`` holds the meta document (``status``, ``result``,
+  ``traceback``, ``children``, ``date_done``, ``group_id``/``parent_id`` when set, extended
+  fields, ``task_id``) encoded with the result serializer, written with ``SET ... PX`` and,
+  in the same atomic step, ``PUBLISH``\\ed on the channel named like the key: what a Celery
+  client's ``AsyncResult.get()`` waits for.
+* A stored SUCCESS is never overwritten, atomically: a Lua script reads the stored status
+  and writes only if it is not SUCCESS (JSON values); values the script cannot read
+  (compressed, msgpack, ...) are checked in Python under ``WATCH`` instead. Celery checks
+  with a separate GET, which two racing writers can both pass.
+* Groups: ``celery-taskset-meta-<group id>`` holds ``{"result": [[gid, null], [[[task_id,
+  null], null], ...]], "date_done": ...}`` (Celery's saved ``GroupResult`` plus the time,
+  which Celery ignores).
+* Counters and sets are ours: ``<prefix><key>`` as given to ``incr``/``add_member``.
+* Celery 5.7's compressed payloads (``\\x00celery-compressed\\x00<mime>\\x00<bytes>``) are
+  read whatever ``compression`` says, as Celery does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from time import monotonic
+from typing import Any, ClassVar, TypeVar
+
+import redis
+import redis.exceptions as rexc
+
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.capabilities import Capability
+from conveyor.core.celery import (
+    COMPRESSED_RESULT_MARKER,
+    decode_meta,
+    encode_meta,
+    group_from_meta,
+    group_meta,
+)
+from conveyor.core.compression import compress, decompress
+from conveyor.core.errors import ConfigurationError, ConnectionLost, DecodeError
+from conveyor.core.options import build_options
+from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.types import GroupRecord, ResultRecord, State
+from conveyor.transports.redis import (
+    RedisConnectionOptions,
+    connect,
+    parse_redis_url,
+    redis_errors,
+)
+
+__all__ = ["RedisResultBackend", "RedisResultBackendOptions", "celery_key_prefix"]
+
+TASK_KEY = "celery-task-meta-"
+GROUP_KEY = "celery-taskset-meta-"
+_FETCH_CHUNK = 1000
+_UTC = timezone.utc
+
+T = TypeVar("T")
+
+# KEYS[1] the record's key (celery-task-meta-<id>, prefixed)
+# ARGV[1] the encoded meta, ARGV[2] expiry in ms (0: none)
+# Returns 1 (written and published), 0 (a SUCCESS is stored: kept, nothing published) or
+# -1 (the stored value is not JSON this script can read: the caller decides in Python).
+_STORE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if string.sub(cur, 1, 1) ~= '{' then
+    return -1
+  end
+  local ok, doc = pcall(cjson.decode, cur)
+  if not ok or type(doc) ~= 'table' then
+    return -1
+  end
+  if doc['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+local px = tonumber(ARGV[2])
+if px > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def celery_key_prefix(prefix: str) -> str:
+    """Celery's rule for the result backend's ``global_keyprefix``: add ``_`` unless the
+    prefix already ends in ``:``, ``_``, ``-`` or ``.``."""
+    if not prefix or prefix[-1] in ":_-.":
+        return prefix
+    return prefix + "_"
+
+
+@dataclass(frozen=True)
+class RedisResultBackendOptions(RedisConnectionOptions):
+    """Options of :class:`RedisResultBackend` (seconds as float); connection settings
+    inherited from :class:`~conveyor.transports.redis.RedisConnectionOptions`.
+
+    Attributes:
+        default_ttl: lifetime of a record, group or counter stored with ``ttl=None``.
+        serializer: result serializer (Celery's ``result_serializer``).
+        accept: serializers ``fetch`` decodes; empty means ``(serializer,)``.
+        compression: Celery 5.7 ``result_compression`` for what this backend writes.
+        global_keyprefix: Celery's result key prefix (see :func:`celery_key_prefix`).
+        wait_recheck_interval: how often a ``wait`` re-reads the record besides listening.
+    """
+
+    default_ttl: float | None = DEFAULT_RESULT_TTL
+    serializer: str = "json"
+    accept: tuple[str, ...] = ()
+    compression: str | None = None
+    global_keyprefix: str = ""
+    wait_recheck_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ttl = self.default_ttl
+        if ttl is not None and not ttl >= 0:
+            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        if not self.wait_recheck_interval > 0:
+            raise ConfigurationError("wait_recheck_interval must be > 0 seconds")
+
+
+class RedisResultBackend(ResultBackendBase):
+    """Result backend on Redis in Celery's layout; see the module docstring.
+
+    Args:
+        client: a ready redis-py client (``decode_responses=False``); closed by ``close``
+            only when the backend built it (``from_url``).
+        options: :class:`RedisResultBackendOptions`; defaults when None.
+        serializers: serializer registry (default: the process-wide one).
+        url: the URL shown (masked) in ``repr`` and errors.
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {
+            Capability.NATIVE_TTL,
+            Capability.WAIT,
+            Capability.COUNTERS,
+            Capability.GROUPS,
+            Capability.MULTI_READER,
+            Capability.DURABLE,
+            Capability.CROSS_PROCESS,
+        }
+    )
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        options: RedisResultBackendOptions | None = None,
+        *,
+        serializers: SerializerRegistry | None = None,
+        url: str = "redis://",
+        _owns_client: bool = False,
+    ) -> None:
+        self.options = opts = options or RedisResultBackendOptions()
+        self.url = url
+        self.default_ttl = opts.default_ttl if opts.default_ttl else None
+        self._client = client
+        self._owns_client = _owns_client
+        self._serializers = serializers or default_serializers
+        self._serializer = self._serializers.get(opts.serializer)
+        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        if opts.compression:
+            compress(b"", opts.compression)  # unknown or missing compressor: fail now
+        self._prefix = celery_key_prefix(opts.global_keyprefix)
+        self._store_script = client.register_script(_STORE_LUA)
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, serializers: SerializerRegistry | None = None, **options: Any
+    ) -> RedisResultBackend:
+        """Build a backend (and its own client, closed by ``close``) from ``url``.
+
+        Does not connect: the first operation does.
+
+        Raises:
+            InvalidURL, ConfigurationError: as for the Redis broker.
+        """
+        target, query = parse_redis_url(url)
+        opts = build_options(RedisResultBackendOptions, query, options, owner="redis backend")
+        client = connect(target, opts, url)
+        return cls(client, opts, serializers=serializers, url=url, _owns_client=True)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
+    # ------------------------------------------------------------------ plumbing
+    def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise ConnectionLost(f"{self!r} is closed")
+        with redis_errors(what, self.url):
+            return fn(*args)
+
+    def task_key(self, task_id: str) -> str:
+        """The key (and pub/sub channel) of ``task_id``'s record."""
+        return f"{self._prefix}{TASK_KEY}{task_id}"
+
+    def group_key(self, group_id: str) -> str:
+        """The key of ``group_id``'s saved group."""
+        return f"{self._prefix}{GROUP_KEY}{group_id}"
+
+    def _px(self, ttl: float | None) -> int:
+        seconds = self._ttl(ttl)
+        if seconds is None or math.isinf(seconds):
+            return 0
+        return max(1, math.ceil(seconds * 1000))
+
+    def _encode(self, record: ResultRecord) -> bytes:
+        return encode_meta(
+            record,
+            self._serializer.name,
+            self._serializers,
+            compression=self.options.compression,
+        )
+
+    def _decode(self, raw: bytes, task_id: str) -> ResultRecord:
+        return decode_meta(
+            raw,
+            self._serializer.name,
+            accept=self._accept,
+            serializers=self._serializers,
+            task_id=task_id,
+        )
+
+    def _decode_value(self, raw: bytes) -> Any:
+        if raw.startswith(COMPRESSED_RESULT_MARKER):
+            mime, sep, packed = raw[len(COMPRESSED_RESULT_MARKER) :].partition(b"\x00")
+            if not sep:
+                raise DecodeError("compressed result payload has no compression type")
+            raw = decompress(packed, mime.decode("ascii", "replace"))
+        return self._serializers.decode(
+            raw,
+            self._serializer.content_type,
+            self._serializer.content_encoding,
+            accept=self._accept,
+        )
+
+    # ------------------------------------------------------------------ records
+    def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
+        """Write and publish ``record`` unless a SUCCESS is stored. One round trip (three
+        when the stored value is not JSON: checked under ``WATCH``). Thread-safe.
+
+        Raises:
+            EncodeError: the result cannot be serialized.
+            OperationalError: the server failed (a retried write may have been applied).
+        """
+        key = self.task_key(record.task_id)
+        value = self._encode(record)
+        px = self._px(ttl)
+        written = self._run(
+            "store result", lambda: self._store_script(keys=[key], args=[value, px])
+        )
+        if int(written) == -1:
+            self._run("store result", lambda: self._store_checked(key, record.task_id, value, px))
+
+    def _store_checked(self, key: str, task_id: str, value: bytes, px: int) -> None:
+        def work(pipe: Any) -> None:
+            current = pipe.get(key)
+            if current is not None and self._is_success(current, task_id):
+                return
+            pipe.multi()
+            if px:
+                pipe.set(key, value, px=px)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+
+        self._client.transaction(work, key)
+
+    def _is_success(self, raw: bytes, task_id: str) -> bool:
+        try:
+            return self._decode(raw, task_id).state is State.SUCCESS
+        except (DecodeError, ConfigurationError):
+            return False  # unreadable here: Celery would overwrite it too
+
+    def fetch(self, task_id: str) -> ResultRecord | None:
+        """``GET`` and decode the record; None when missing or expired.
+
+        Raises:
+            DecodeError: the stored value is not a readable result meta.
+        """
+        raw = self._run("fetch result", lambda: self._get(self.task_key(task_id)))
+        return None if raw is None else self._decode(raw, task_id)
+
+    def _get(self, key: str) -> bytes | None:
+        raw: Any = self._client.get(key)
+        return None if raw is None else bytes(raw)
+
+    def _mget(self, keys: list[str]) -> list[bytes | None]:
+        values: Any = self._client.mget(keys)
+        return list(values)
+
+    def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
+        """``MGET`` in chunks of 1000 ids (one round trip each)."""
+        ids = list(task_ids)
+        found: dict[str, ResultRecord] = {}
+        for start in range(0, len(ids), _FETCH_CHUNK):
+            chunk = ids[start : start + _FETCH_CHUNK]
+            values = self._run("fetch results", self._mget, [self.task_key(t) for t in chunk])
+            for task_id, raw in zip(chunk, values, strict=True):
+                if raw is not None:
+                    found[task_id] = self._decode(raw, task_id)
+        return found
+
+    def forget(self, task_id: str) -> None:
+        """``DEL`` the record. Idempotent."""
+        self._run("forget result", lambda: self._client.delete(self.task_key(task_id)))
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
+        """Block until ``task_id`` has a ready record or ``timeout`` seconds pass.
+
+        Subscribes to the record's channel and waits for the server to confirm BEFORE
+        reading the record, so a store racing with the call is never missed; then listens,
+        re-reading every ``wait_recheck_interval`` seconds as a safety net (a reconnect
+        re-subscribes, but a message published while disconnected is gone).
+
+        Returns:
+            The ready record, or on timeout the latest non-ready record (or None).
+
+        Raises:
+            OperationalError: the server could not be reached.
+        """
+        deadline = monotonic() + max(0.0, timeout)
+        key = self.task_key(task_id)
+        recheck = self.options.wait_recheck_interval
+        pubsub: Any = self._run("wait for result", self._client.pubsub)
+        try:
+            self._run("subscribe", lambda: pubsub.subscribe(key))
+            self._confirm(pubsub, deadline)
+            record = self.fetch(task_id)
+            next_check = monotonic() + recheck
+            while record is None or not record.ready:
+                now = monotonic()
+                if now >= deadline:
+                    return record
+                if now >= next_check:
+                    record = self.fetch(task_id) or record
+                    next_check = now + recheck
+                    continue
+                message = self._listen(pubsub, min(deadline, next_check) - now)
+                if message and message.get("type") == "message":
+                    try:
+                        record = self._decode(message["data"], task_id)
+                    except DecodeError:
+                        record = self.fetch(task_id)
+            return record
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def _listen(self, pubsub: Any, seconds: float) -> Any:
+        return self._run(
+            "wait for result",
+            lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=seconds),
+        )
+
+    def _confirm(self, pubsub: Any, deadline: float) -> None:
+        """Read until the server confirms the subscription (bounded by the deadline plus
+        the socket timeout)."""
+        limit = max(deadline, monotonic() + (self.options.socket_timeout or 5.0))
+        while monotonic() < limit:
+            message = self._run(
+                "subscribe", lambda: pubsub.get_message(timeout=max(0.0, limit - monotonic()))
+            )
+            if message and message.get("type") == "subscribe":
+                return
+        raise ConnectionLost(f"{self!r}: the server did not confirm the subscription")
+
+    # ------------------------------------------------------------------ counters
+    def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """``INCRBY`` and refresh the expiry in one transaction; return the new value."""
+        name = self._prefix + key
+        px = self._px(ttl)
+
+        def work() -> int:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.incrby(name, amount)
+            if px:
+                pipe.pexpire(name, px)
+            return int(pipe.execute()[0])
+
+        return self._run("incr", work)
+
+    def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
+        """``SADD`` + expiry + ``SCARD`` in one transaction; return the set's size."""
+        name = self._prefix + key
+        px = self._px(ttl)
+
+        def work() -> int:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.sadd(name, member)
+            if px:
+                pipe.pexpire(name, px)
+            pipe.scard(name)
+            return int(pipe.execute()[-1])
+
+        return self._run("add member", work)
+
+    def forget_key(self, key: str) -> None:
+        """``DEL`` the counter or set. Idempotent."""
+        self._run("forget key", lambda: self._client.delete(self._prefix + key))
+
+    # ------------------------------------------------------------------ groups
+    def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
+        """Write Celery's saved-group document (and publish it, as Celery does)."""
+        meta = group_meta(record.group_id, record.task_ids)
+        done = record.date_done or datetime.now(_UTC)
+        done = done.replace(tzinfo=_UTC) if done.tzinfo is None else done.astimezone(_UTC)
+        meta["date_done"] = done.isoformat()
+        body, _, _ = self._serializers.encode(meta, self._serializer.name)
+        if self.options.compression:
+            packed, mime = compress(body, self.options.compression)
+            body = b"".join((COMPRESSED_RESULT_MARKER, mime.encode("ascii"), b"\x00", packed))
+        key = self.group_key(record.group_id)
+        px = self._px(ttl)
+
+        def work() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            if px:
+                pipe.set(key, body, px=px)
+            else:
+                pipe.set(key, body)
+            pipe.publish(key, body)
+            pipe.execute()
+
+        self._run("store group", work)
+
+    def fetch_group(self, group_id: str) -> GroupRecord | None:
+        """The saved group, or None when missing or expired."""
+        raw = self._run("fetch group", lambda: self._get(self.group_key(group_id)))
+        if raw is None:
+            return None
+        return group_from_meta(self._decode_value(raw), group_id)
+
+    def forget_group(self, group_id: str) -> None:
+        """``DEL`` the saved group (not its members' records). Idempotent."""
+        self._run("forget group", lambda: self._client.delete(self.group_key(group_id)))
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Disconnect (when the backend built the client). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            with contextlib.suppress(rexc.RedisError, OSError):
+                self._client.close()
+            with contextlib.suppress(rexc.RedisError, OSError):
+                self._client.connection_pool.disconnect()
