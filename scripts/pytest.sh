@@ -9,7 +9,7 @@
 # pytest runs with -p no:cacheprovider: several envs run side by side in one tree and none
 # needs .pytest_cache.
 #
-# Globs are bash globs with globstar ('tests/**/test_sqlalchemy*.py'); paths that do not exist
+# Globs are bash globs with globstar ('tests/**/test_*sql*.py'); paths that do not exist
 # are dropped. If nothing at all is left, the env has no tests in this tree yet (for example,
 # the SQL tests before they land): that is said plainly and the env passes, because there is
 # nothing it could have run. If files were found but pytest collects no test (exit 5), that is
