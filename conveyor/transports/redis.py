@@ -684,6 +684,8 @@ class RedisBroker(BrokerBase):
         # A blocking BLPOP must return before the socket timeout fires.
         timeout = opts.socket_timeout
         self._max_block = max(0.001, timeout / 2) if timeout else 1.0
+        # A consumer that claimed or extended within this window counts as consuming a queue.
+        self._live_window_ms = math.ceil(max(10.0, 2 * opts.lease_seconds) * 1000)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
@@ -775,15 +777,23 @@ class RedisBroker(BrokerBase):
         if not batch:
             return 0
         delay_ms = math.ceil(delay * 1000) + 1 if delay else 0
-        keys = [self._keys.own(queue, "delayed"), self._keys.own(queue, "wake")]
-        keys += self._keys.ready(queue)
-        head = [str(delay_ms), str(_WAKE_TTL_MS), str(len(self._steps_argv)), *self._steps_argv]
+        k = self._keys
+        keys = [k.own(queue, "delayed"), k.own(queue, "wake"), k.own(queue, "consumers")]
+        keys += k.ready(queue)
+        head = [
+            str(delay_ms),
+            str(_WAKE_TTL_MS),
+            str(self._live_window_ms),
+            str(len(self._steps_argv)),
+            *self._steps_argv,
+        ]
         done = 0
         for start in range(0, len(batch), _PUBLISH_CHUNK):
             args: list[Any] = list(head)
             for envelope in batch[start : start + _PUBLISH_CHUNK]:
                 kp = _KOMBU_MAX_PRIORITY - envelope.priority
                 args.append(str(self._bucket(envelope.priority)))
+                args.append("1" if envelope.headers.get("eta") else "0")
                 args.append(encode_envelope(envelope, queue, kp))
             done += self._publish_chunk(keys, args)
         return done
@@ -840,6 +850,7 @@ class RedisBroker(BrokerBase):
                 k.own(queue, "deadlines"),
                 k.own(queue, "delayed"),
                 k.own(queue, "wake"),
+                k.own(queue, "consumers"),
                 *k.ready(queue),
             ]
         opts = self.options
@@ -852,6 +863,8 @@ class RedisBroker(BrokerBase):
             str(opts.reclaim_batch),
             str(opts.promote_batch),
             str(_WAKE_TTL_MS),
+            self._token,
+            str(self._live_window_ms),
             *self._steps_argv,
         ]
         reply = self._run("receive", lambda: self._scripts.claim(keys=keys, args=args))
@@ -977,8 +990,10 @@ class RedisBroker(BrokerBase):
         if self._was_settled(receipt):
             raise InvalidReceipt(f"{receipt.lease} on {receipt.queue!r} was already settled")
         k = self._keys
-        keys = [k.own(receipt.queue, "leases"), k.own(receipt.queue, "deadlines")]
-        args = [receipt.lease, str(max(1, math.ceil(seconds * 1000)))]
+        q = receipt.queue
+        keys = [k.own(q, "leases"), k.own(q, "deadlines"), k.own(q, "consumers")]
+        ms = str(max(1, math.ceil(seconds * 1000)))
+        args = [receipt.lease, ms, self._token, str(self._live_window_ms)]
         if not int(self._run("extend", lambda: self._scripts.extend(keys=keys, args=args))):
             self._lost(receipt, "extend")
 
