@@ -91,6 +91,8 @@ def run_demo(*, count: int = 200, concurrency: int = 4, timeout: float = 120.0) 
 
 
 def _drive(count: int, timeout: float, worker: subprocess.Popen[bytes]) -> bool:
+    # Wait until the worker consumes, so the figures measure tasks, not process start-up.
+    add.delay(0, 0).get(timeout=min(timeout, 60.0))
     adds = max(1, count - 2)
     sent: dict[str, float] = {}
     expected: dict[str, Any] = {}
