@@ -173,7 +173,10 @@ SQL
 
 # ---------------------------------------------------------------- redis
 ensure_redis() {
-    command -v redis-server >/dev/null || apt_install redis-server
+    # redis-sentinel too: the failover tests start their own sentinels on free ports.
+    if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null; then
+        apt_install redis-server redis-sentinel redis-tools
+    fi
     if ! port_open 6379; then
         mkdir -p /var/lib/redis /var/log/redis
         start_logged redis redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 \
