@@ -1,0 +1,46 @@
+"""The broker conformance suite against RabbitMQ (tox env ``amqp``).
+
+Three configurations: the default one (exactly Celery's declarations: no priority, so the
+suite checks that priorities are refused), ``max_priority=9`` (:class:`AMQPPriorityBroker`,
+every priority test), and quorum queues (delivery counts, per-consumer prefetch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+from amqpsupport import UNREACHABLE_AMQP_URL, QueueJanitor, amqp_url, janitor  # noqa: F401
+
+from conveyor.testing.broker import BrokerConformance, BrokerFactory
+from conveyor.transports.amqp import AMQPBroker, AMQPPriorityBroker
+
+
+class TestAMQPBroker(BrokerConformance):
+    options: ClassVar[dict[str, Any]] = {}
+
+    @pytest.fixture
+    def make_broker(self, janitor: QueueJanitor) -> Iterator[BrokerFactory]:  # noqa: F811
+        def make(**options: Any) -> AMQPBroker:
+            return janitor.track(AMQPBroker.from_url(janitor.url, **{**self.options, **options}))
+
+        yield make
+
+    @pytest.fixture
+    def unreachable_broker_url(self) -> str:
+        return UNREACHABLE_AMQP_URL
+
+    def test_the_default_configuration_does_not_declare_priority(self, broker: Any) -> None:
+        assert type(broker) is AMQPBroker
+
+
+class TestAMQPPriorityBroker(TestAMQPBroker):
+    options: ClassVar[dict[str, Any]] = {"max_priority": 9}
+
+    def test_the_default_configuration_does_not_declare_priority(self, broker: Any) -> None:
+        assert type(broker) is AMQPPriorityBroker
+
+
+class TestAMQPQuorumBroker(TestAMQPBroker):
+    options: ClassVar[dict[str, Any]] = {"queue_type": "quorum"}
