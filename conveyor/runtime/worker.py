@@ -127,6 +127,7 @@ class Worker:
         self._started = threading.Event()
         self._threads: list[threading.Thread] = []
         self._children: list[_Child] = []
+        self._limiters: dict[str, _RateLimiter | None] = {}
 
     # ---- lifecycle
     def banner(self) -> str:
@@ -354,10 +355,22 @@ class Worker:
         if request is None:
             return
         task = self.app.tasks[request.task]
+        self._rate_limit(task.name)
         if not task.acks_late:
             self.app.broker.ack(delivery)
         outcome = execute(self.app, delivery.envelope, request, accept=self.accept)
         self._settle(delivery, request, outcome, acked=not task.acks_late)
+
+    def _rate_limit(self, task_name: str) -> None:
+        """Wait for the task's rate limit (Celery's per-worker semantics); the delivery stays
+        held under its renewed lease meanwhile."""
+        if task_name not in self._limiters:
+            per_second = parse_rate(self.app.tasks[task_name].rate_limit)
+            # setdefault: two slot threads racing here must share one limiter
+            self._limiters.setdefault(task_name, _RateLimiter(per_second) if per_second else None)
+        limiter = self._limiters[task_name]
+        if limiter is not None:
+            limiter.acquire(self._stopping)
 
     def _precheck(self, delivery: Delivery) -> Request | None:
         """Everything decided from headers alone. Returns None when the delivery is settled."""
@@ -552,6 +565,38 @@ class Worker:
                 delay *= 4
 
 
+def parse_rate(rate: str | float | int | None) -> float | None:
+    """Tasks per second from Celery's ``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number."""
+    if rate is None or rate == "":
+        return None
+    if isinstance(rate, (int, float)):
+        per_second = float(rate)
+    else:
+        count, _, unit = str(rate).partition("/")
+        divisor = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip().lower())
+        if divisor is None:
+            raise ConveyorError(f"bad rate_limit {rate!r}: use N/s, N/m or N/h")
+        per_second = float(count) / divisor
+    return per_second if per_second > 0 else None
+
+
+class _RateLimiter:
+    """Spaces starts of one task evenly: at most ``per_second`` starts per second per worker."""
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self, stopping: threading.Event) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            stopping.wait(start - now)
+
+
 class _Child:
     """One prefork child process and the slot thread's end of its pipe."""
 
@@ -597,6 +642,7 @@ class _Child:
         if request is None:
             return
         task = worker.app.tasks[request.task]
+        worker._rate_limit(task.name)
         if not task.acks_late:
             worker.app.broker.ack(delivery)
         outcome = self._run(delivery.envelope, request, task.time_limit)

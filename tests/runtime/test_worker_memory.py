@@ -364,3 +364,28 @@ def test_routes_send_tasks_to_their_queue(app: App, run_worker: Callable[..., Wo
     assert app.broker.size("special") == 1
     run_worker(queues=["special"])
     assert result.get(timeout=10) == "special"
+
+
+def test_rate_limit_spaces_task_starts(app: App, run_worker: Callable[..., Worker]) -> None:
+    starts: list[float] = []
+
+    @app.task(name="rt.limited", rate_limit="20/s")
+    def limited() -> None:
+        starts.append(time.monotonic())
+
+    results = [limited.delay() for _ in range(6)]
+    run_worker(concurrency=4)
+    for r in results:
+        r.get(timeout=10)
+    starts.sort()
+    # six starts at 20/s need at least five intervals of 50 ms
+    assert starts[-1] - starts[0] >= 5 * 0.05 - 0.01
+
+
+def test_bad_rate_limit_is_a_clear_error() -> None:
+    from conveyor.runtime.worker import parse_rate
+
+    assert parse_rate("120/m") == 2.0
+    assert parse_rate(None) is None
+    with pytest.raises(Exception, match="rate_limit"):
+        parse_rate("5/fortnight")
