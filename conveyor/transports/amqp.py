@@ -157,9 +157,12 @@ __all__ = [
     "AMQPEndpoint",
     "AMQPLink",
     "AMQPPriorityBroker",
+    "Op",
     "Properties",
+    "fire",
     "parse_amqp_url",
     "redact_url",
+    "rpc",
     "translate_error",
 ]
 
@@ -2265,19 +2268,22 @@ class AMQPBroker(BrokerBase):
         self._check_open()
         _check_name(queue)
         deadline = self._deadline()
-        total = 0
-        for _attempt in range(20):
+        total = previous = -1
+        for _attempt in range(30):
             ready = self._link.run_op_retrying(lambda: self._op_size(queue), deadline)
             with self._cond:
                 buffered = len(self._buffers.get(queue, ()))
                 consumer = self._consumers.get(queue)
                 credit = consumer.credit if consumer is not None else 0
             total = ready + buffered
-            # With credit left, RabbitMQ may be sending us one of `ready` right now: it is
-            # neither counted by the server any more nor buffered yet. Wait for it to land.
-            if not (ready and credit > 0):
+            # With credit left, RabbitMQ may be sending us one of `ready` right now (counted
+            # by neither side); quorum queues also report a count a few ms stale after a
+            # delivery. Answer once two samples agree and nothing can be in flight.
+            settled = not (ready and credit > 0)
+            if settled and total == previous:
                 break
-            time.sleep(0.005)
+            previous = total if settled else -1
+            time.sleep(0.01)
         return total
 
     def _op_size(self, queue: str) -> Op[int]:

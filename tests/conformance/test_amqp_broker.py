@@ -7,7 +7,7 @@ every priority test), and quorum queues (delivery counts, per-consumer prefetch)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytest
@@ -21,15 +21,15 @@ class TestAMQPBroker(BrokerConformance):
     options: ClassVar[dict[str, Any]] = {}
 
     @pytest.fixture
-    def make_broker(self, janitor: QueueJanitor) -> Iterator[BrokerFactory]:  # noqa: F811
+    def make_broker(self, janitor: QueueJanitor) -> BrokerFactory:  # noqa: F811
         def make(**options: Any) -> AMQPBroker:
             return janitor.track(AMQPBroker.from_url(janitor.url, **{**self.options, **options}))
 
-        yield make
+        return make
 
     @pytest.fixture
-    def unreachable_broker_url(self) -> str:
-        return UNREACHABLE_AMQP_URL
+    def unreachable_broker(self) -> Callable[[], AMQPBroker]:
+        return lambda: AMQPBroker.from_url(UNREACHABLE_AMQP_URL, **self.options)
 
     def test_the_default_configuration_does_not_declare_priority(self, broker: Any) -> None:
         assert type(broker) is AMQPBroker
