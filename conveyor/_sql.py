@@ -137,7 +137,9 @@ class Database:
     memory: bool = False
     max_retries: int = 10
     lock: threading.RLock | None = None
+    sqlite_lock_wait: float | None = None
     retries: int = 0
+    lock_waits: int = 0
     _retry_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -170,6 +172,8 @@ class Database:
         """
         attempt = 0
         backoff = 0.002
+        started = time.monotonic()
+        lock_pause = 0.0005
         while True:
             try:
                 if self.lock is not None:
@@ -179,6 +183,20 @@ class Database:
             except (sa_exc.SQLAlchemyError, ConveyorError) as exc:
                 if isinstance(exc, ConveyorError):
                     raise
+                if (
+                    self.sqlite_lock_wait
+                    and _sqlite_locked(exc)
+                    and time.monotonic() - started < self.sqlite_lock_wait
+                ):
+                    # SQLite's own busy handler sleeps up to 100 ms per try while the write
+                    # lock is usually free again within a millisecond; with many writer
+                    # processes that wastes most of the time. Its timeout is kept tiny and
+                    # we retry here with short jittered pauses until the operation timeout.
+                    with self._retry_lock:
+                        self.lock_waits += 1
+                    time.sleep(random.uniform(0, lock_pause))
+                    lock_pause = min(lock_pause * 2, 0.008)
+                    continue
                 attempt += 1
                 if is_retryable(exc) and attempt < self.max_retries:
                     with self._retry_lock:
@@ -213,6 +231,14 @@ def _mysql_code(orig: Any) -> int | None:
     return None
 
 
+def _sqlite_locked(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    if orig is None or not type(orig).__module__.startswith("sqlite3"):
+        return False
+    text = str(orig).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True for failures that rolled the transaction back and should simply be rerun:
     PostgreSQL 40001/40P01, MySQL/MariaDB 1213/1205, SQLite "database is locked"."""
@@ -225,10 +251,7 @@ def is_retryable(exc: BaseException) -> bool:
     code = _mysql_code(orig)
     if code in _MYSQL_RETRY and type(orig).__module__.startswith(("pymysql", "MySQLdb")):
         return True
-    text = str(orig).lower()
-    return type(orig).__module__.startswith("sqlite3") and (
-        "database is locked" in text or "database table is locked" in text
-    )
+    return _sqlite_locked(exc)
 
 
 def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError:
@@ -295,21 +318,27 @@ def make_database(
     if engine is not None:
         memory = engine.dialect.name == "sqlite" and _is_sqlite_memory(engine.url)
         lock = _shared_lock(engine) if memory else None
-        return Database(engine, False, url_text, memory, max_retries, lock)
+        file_sqlite = engine.dialect.name == "sqlite" and not memory
+        wait = (settings.operation_timeout or 30.0) if file_sqlite else None
+        return Database(engine, False, url_text, memory, max_retries, lock, wait)
+    backend = url.get_backend_name()
     kwargs: dict[str, Any] = {
-        "pool_pre_ping": True,
+        # A local SQLite file cannot drop a connection; servers can (restarts, idle kills).
+        "pool_pre_ping": backend != "sqlite",
         "hide_parameters": True,
         "echo": settings.echo,
         "future": True,
     }
     connect_args: dict[str, Any] = {}
-    backend = url.get_backend_name()
     driver = url.get_driver_name()
     memory = backend == "sqlite" and _is_sqlite_memory(url)
+    lock_wait: float | None = None
     if backend == "sqlite":
         connect_args["check_same_thread"] = False
-        if settings.operation_timeout is not None:
-            connect_args["timeout"] = settings.operation_timeout
+        if not memory:
+            # See Database.transaction: a short busy wait in SQLite, the rest in Python.
+            connect_args["timeout"] = 0.005
+            lock_wait = settings.operation_timeout or 30.0
         if memory:
             # One connection shared by every thread: the only way threads see one database.
             kwargs["poolclass"] = StaticPool
@@ -339,7 +368,7 @@ def make_database(
     if backend == "sqlite":
         _install_sqlite_hooks(built, memory=memory, synchronous=settings.sqlite_synchronous)
     lock = _shared_lock(built) if memory else None
-    return Database(built, True, url_text, memory, max_retries, lock)
+    return Database(built, True, url_text, memory, max_retries, lock, lock_wait)
 
 
 _LOCKS: dict[int, threading.RLock] = {}

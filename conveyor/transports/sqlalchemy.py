@@ -265,6 +265,32 @@ class _Receipt:
     token: str
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """Prebuilt statements claiming from one tuple of queues (built once, reused: building
+    SQLAlchemy expressions costs more than SQLite executing them)."""
+
+    promote: Any  # PG/SQLite: UPDATE ... WHERE id IN (due); MariaDB: SELECT due ids
+    claim: Any  # PG/SQLite: UPDATE ... RETURNING; MariaDB: SELECT ... FOR UPDATE SKIP LOCKED
+
+
+_COLUMNS = (
+    "id",
+    "queue",
+    "priority",
+    "delivery_count",
+    "envelope_id",
+    "body",
+    "content_type",
+    "content_encoding",
+    "headers",
+    "correlation_id",
+    "reply_to",
+    "dead_from",
+    "dead_reason",
+)
+
+
 class SQLAlchemyBroker(BrokerBase):
     """Broker on a SQL table; see the module docstring for URL, options and semantics.
 
@@ -315,15 +341,19 @@ class SQLAlchemyBroker(BrokerBase):
             schema=self.options.schema,
             dialect=self._db.dialect,
         )
-        self._returning = bool(self._db.engine.dialect.update_returning)
+        self._mysql = self._db.dialect == "mysql"
+        self._returning = bool(self._db.engine.dialect.update_returning) and not self._mysql
+        self._client_clock = self._db.dialect not in ("postgresql", "mysql")
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._lock = threading.Lock()
         self._held: dict[int, str] = {}
         self._settled: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._promote_at: dict[str, float] = {}
+        self._claims: OrderedDict[tuple[str, ...], _Claim] = OrderedDict()
         self._schema_ready = False
         self._closed = False
+        self._build_statements()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -351,8 +381,9 @@ class SQLAlchemyBroker(BrokerBase):
 
     @property
     def retries(self) -> int:
-        """How many transactions were rerun after a deadlock/serialization failure/lock."""
-        return self._db.retries
+        """Transactions rerun after a deadlock or serialization failure (plus, on SQLite,
+        short waits for the write lock). Diagnostics; monotonic per engine."""
+        return self._db.retries + self._db.lock_waits
 
     def create_tables(self) -> None:
         """Create the message table and its indexes if missing. Idempotent, race-safe.
@@ -373,16 +404,120 @@ class SQLAlchemyBroker(BrokerBase):
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
 
-    # ------------------------------------------------------------------ clock
-    def _now(self) -> sa.ColumnElement[float]:
-        """Current time as epoch seconds: the database's clock where it has a usable one."""
+    # ------------------------------------------------------------------ statements
+    def _now_sql(self) -> sa.ColumnElement[float]:
+        """Current time as epoch seconds: the database's clock where it has a usable one
+        (PostgreSQL ``now()``: the transaction start, one instant per transaction;
+        MariaDB/MySQL ``NOW(6)``: the statement start), else the bound ``now_`` parameter
+        (SQLite: every client runs on the database's host)."""
         dialect = self._db.dialect
         if dialect == "postgresql":
-            # now() is the transaction start: one consistent instant per transaction.
             return sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Double())
         if dialect == "mysql":
             return sa.func.unix_timestamp(sa.func.now(6), type_=sa.Double())
-        return sa.literal(time.time(), sa.Double())
+        return sa.bindparam("now_", type_=sa.Double())
+
+    def _params(self, **values: Any) -> dict[str, Any]:
+        if self._client_clock:
+            values["now_"] = time.time()
+        return values
+
+    def _build_statements(self) -> None:
+        t = self._table
+        now = self._now_sql()
+        guard = sa.and_(t.c.id == sa.bindparam("row_id"), t.c.lease_owner == sa.bindparam("token"))
+        self._sql_insert = sa.insert(t).values(
+            not_before=now + sa.bindparam("delay_", type_=sa.Double()), published_at=now
+        )
+        self._sql_ack = sa.delete(t).where(guard)
+        self._sql_exists = sa.select(t.c.id).where(t.c.id == sa.bindparam("row_id"))
+        self._sql_requeue = sa.update(t).where(guard).values(lease_owner=None, lease_expires=0.0)
+        self._sql_dead = (
+            sa.update(t)
+            .where(guard)
+            .values(
+                queue=sa.bindparam("dead_queue"),
+                lease_owner=None,
+                lease_expires=0.0,
+                delayed=False,
+                delivery_count=0,
+                dead_from=sa.bindparam("dead_from"),
+                dead_reason=sa.bindparam("dead_reason"),
+                dead_at=now,
+            )
+        )
+        self._sql_extend = (
+            sa.update(t)
+            .where(guard)
+            .values(lease_expires=now + sa.bindparam("seconds", type_=sa.Double()))
+        )
+        self._sql_stamp = {
+            "lease_owner": sa.bindparam("token"),
+            "lease_expires": now + sa.bindparam("lease", type_=sa.Double()),
+            "delivery_count": t.c.delivery_count + 1,
+        }
+        self._sql_stamp_ids = (
+            sa.update(t)
+            .where(t.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .values(**self._sql_stamp)
+        )
+        self._sql_promote_ids = (
+            sa.update(t)
+            .where(t.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .values(delayed=False)
+        )
+
+    def _claim_statements(self, names: tuple[str, ...]) -> _Claim:
+        with self._lock:
+            cached = self._claims.get(names)
+            if cached is not None:
+                self._claims.move_to_end(names)
+                return cached
+        t = self._table
+        now = self._now_sql()
+        in_queues = t.c.queue == names[0] if len(names) == 1 else t.c.queue.in_(names)
+        due = (
+            sa.select(t.c.id)
+            .where(in_queues, t.c.delayed, t.c.not_before <= now)
+            .order_by(t.c.not_before)
+            .limit(_PROMOTE_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        order: list[Any] = [t.c.priority.desc()]
+        if len(names) > 1:
+            order.append(sa.case({q: i for i, q in enumerate(names)}, value=t.c.queue))
+        order.append(t.c.id)
+        ready = (
+            sa.select(t.c.id)
+            .where(in_queues, sa.not_(t.c.delayed), t.c.lease_expires <= now)
+            .order_by(*order)
+            .limit(sa.bindparam("limit_", type_=sa.Integer()))
+            .with_for_update(skip_locked=True)
+        )
+        columns = [t.c[name] for name in _COLUMNS]
+        if self._mysql:
+            # MariaDB has no UPDATE ... RETURNING and refuses LIMIT inside IN (subquery):
+            # lock the rows with SELECT ... FOR UPDATE SKIP LOCKED, then update by id.
+            claim: Any = ready.with_only_columns(*columns)
+            promote: Any = due
+        elif self._db.dialect == "postgresql":
+            picked = ready.cte("claim")
+            stmt = sa.update(t).where(t.c.id == picked.c.id).values(**self._sql_stamp)
+            claim = stmt.returning(*columns)
+            promote = sa.update(t).where(t.c.id.in_(due.scalar_subquery())).values(delayed=False)
+        elif self._returning:
+            stmt = sa.update(t).where(t.c.id.in_(ready.scalar_subquery()))
+            claim = stmt.values(**self._sql_stamp).returning(*columns)
+            promote = sa.update(t).where(t.c.id.in_(due.scalar_subquery())).values(delayed=False)
+        else:  # another dialect without UPDATE ... RETURNING: the MariaDB way
+            claim = ready.with_only_columns(*columns)
+            promote = due
+        built = _Claim(promote=promote, claim=claim)
+        with self._lock:
+            self._claims[names] = built
+            while len(self._claims) > 64:
+                self._claims.popitem(last=False)
+        return built
 
     # ------------------------------------------------------------------ queues
     def declare_queue(self, name: str) -> None:
@@ -397,7 +532,7 @@ class SQLAlchemyBroker(BrokerBase):
         return f"{queue}{DEAD_LETTER_SUFFIX}"
 
     # ------------------------------------------------------------------ publish
-    def _row(self, envelope: Envelope, queue: str, delayed: bool) -> dict[str, Any]:
+    def _row(self, envelope: Envelope, queue: str, delay: float) -> dict[str, Any]:
         try:
             headers = json.dumps(dict(envelope.headers), ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
@@ -407,7 +542,8 @@ class SQLAlchemyBroker(BrokerBase):
         return {
             "queue": queue,
             "priority": envelope.priority,
-            "delayed": delayed,
+            "delayed": delay > 0,
+            "delay_": delay,
             "lease_expires": 0.0,
             "delivery_count": 0,
             "envelope_id": envelope.id,
@@ -421,16 +557,14 @@ class SQLAlchemyBroker(BrokerBase):
 
     def _insert(self, envelopes: Sequence[Envelope], queue: str, delay: float | None) -> None:
         seconds = float(delay or 0.0)
-        rows = [self._row(e, queue, seconds > 0) for e in envelopes]
-        table = self._table
+        rows = [self._row(e, queue, seconds) for e in envelopes]
 
         def work(conn: Connection) -> None:
-            now = self._now()
-            stmt = sa.insert(table).values(
-                not_before=now + sa.literal(seconds, sa.Double()) if seconds > 0 else now,
-                published_at=now,
-            )
-            conn.execute(stmt, rows)
+            if self._client_clock:
+                now = time.time()
+                for row in rows:
+                    row["now_"] = now
+            conn.execute(self._sql_insert, rows)
 
         self._db.transaction(work, what=f"publish to {queue!r}")
 
@@ -484,7 +618,7 @@ class SQLAlchemyBroker(BrokerBase):
             ConnectionLost: the broker is closed.
         """
         self._check_open()
-        names = [queues] if isinstance(queues, str) else list(queues)
+        names = (queues,) if isinstance(queues, str) else tuple(dict.fromkeys(queues))
         if not names:
             raise ConfigurationError("receive() needs at least one queue")
         for name in names:
@@ -495,10 +629,11 @@ class SQLAlchemyBroker(BrokerBase):
             raise ConfigurationError(f"timeout must be >= 0 seconds, got {timeout!r}")
         limit = min(max_messages, _MAX_MESSAGES)
         self._ensure_schema()
+        statements = self._claim_statements(names)
         deadline = time.monotonic() + timeout
         pause = self.options.poll_interval
         while True:
-            deliveries = self._claim(names, limit)
+            deliveries = self._claim(names, statements, limit)
             if deliveries:
                 return deliveries
             remaining = deadline - time.monotonic()
@@ -508,91 +643,38 @@ class SQLAlchemyBroker(BrokerBase):
             pause = min(pause * 2, self.options.max_poll_interval)
             self._check_open()
 
-    def _due_for_promotion(self, names: Sequence[str]) -> list[str]:
+    def _promotion_due(self, names: Sequence[str]) -> bool:
         now = time.monotonic()
         with self._lock:
-            due = [q for q in names if now >= self._promote_at.get(q, 0.0)]
-            for q in due:
+            if all(now < self._promote_at.get(q, 0.0) for q in names):
+                return False
+            for q in names:
                 self._promote_at[q] = now + self.options.promote_interval
-        return due
+        return True
 
-    def _promote(
-        self, conn: Connection, names: Sequence[str], now: sa.ColumnElement[float]
-    ) -> None:
-        """Flip due delayed rows to ready (bounded, skipping rows another promoter holds)."""
-        t = self._table
-        due = (
-            sa.select(t.c.id)
-            .where(t.c.queue.in_(names), t.c.delayed, t.c.not_before <= now)
-            .order_by(t.c.not_before)
-            .limit(_PROMOTE_BATCH)
-            .with_for_update(skip_locked=True)
-        )
-        if self._db.dialect == "mysql":
-            # MariaDB refuses LIMIT inside IN (subquery) and subqueries on the updated table.
-            ids = list(conn.execute(due).scalars())
-            if ids:
-                conn.execute(sa.update(t).where(t.c.id.in_(ids)).values(delayed=False))
-        else:
-            conn.execute(
-                sa.update(t).where(t.c.id.in_(due.scalar_subquery())).values(delayed=False)
-            )
-
-    def _claim(self, names: list[str], limit: int) -> list[Delivery]:
-        t = self._table
+    def _claim(self, names: tuple[str, ...], statements: _Claim, limit: int) -> list[Delivery]:
         token = f"{self._instance}:{next(self._sequence)}"
-        lease = float(self.options.lease_seconds)
-        promote = self._due_for_promotion(names)
-        order: list[Any] = [t.c.priority.desc()]
-        if len(names) > 1:
-            order.append(sa.case({q: i for i, q in enumerate(names)}, value=t.c.queue))
-        order.append(t.c.id)
-        columns = [
-            t.c.id,
-            t.c.queue,
-            t.c.priority,
-            t.c.delivery_count,
-            t.c.envelope_id,
-            t.c.body,
-            t.c.content_type,
-            t.c.content_encoding,
-            t.c.headers,
-            t.c.correlation_id,
-            t.c.reply_to,
-            t.c.dead_from,
-            t.c.dead_reason,
-        ]
+        promote = self._promotion_due(names)
+        params = self._params(token=token, lease=float(self.options.lease_seconds), limit_=limit)
 
         def work(conn: Connection) -> list[Any]:
-            now = self._now()
             if promote:
-                self._promote(conn, promote, now)
-            ready = (
-                sa.select(t.c.id)
-                .where(t.c.queue.in_(names), sa.not_(t.c.delayed), t.c.lease_expires <= now)
-                .order_by(*order)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            stamp = {
-                "lease_owner": token,
-                "lease_expires": now + sa.literal(lease, sa.Double()),
-                "delivery_count": t.c.delivery_count + 1,
-            }
-            if self._db.dialect == "postgresql":
-                picked = ready.cte("claim")
-                stmt = sa.update(t).where(t.c.id == picked.c.id).values(**stamp)
-                return list(conn.execute(stmt.returning(*columns)))
-            if self._returning:
-                stmt = sa.update(t).where(t.c.id.in_(ready.scalar_subquery())).values(**stamp)
-                return list(conn.execute(stmt.returning(*columns)))
-            # MariaDB/MySQL (no UPDATE ... RETURNING): lock, then stamp, same transaction.
-            rows = list(conn.execute(ready.with_only_columns(*columns)))
+                # Flip due delayed rows to ready: bounded, skipping rows another promoter
+                # holds, in the claim's transaction so the claim below sees them.
+                if self._returning or self._db.dialect == "postgresql":
+                    conn.execute(statements.promote, params)
+                else:
+                    ids = list(conn.execute(statements.promote, params).scalars())
+                    if ids:
+                        conn.execute(self._sql_promote_ids, {"ids": ids})
+            if self._returning or self._db.dialect == "postgresql":
+                return list(conn.execute(statements.claim, params))
+            rows = list(conn.execute(statements.claim, params))
             if rows:
-                conn.execute(sa.update(t).where(t.c.id.in_([r.id for r in rows])).values(**stamp))
+                conn.execute(self._sql_stamp_ids, {**params, "ids": [r.id for r in rows]})
             return [_Bumped(r) for r in rows]
 
-        rows = self._db.transaction(work, what=f"receive from {names!r}")
+        rows = self._db.transaction(work, what=f"receive from {list(names)!r}")
         if not rows:
             return []
         rank = {q: i for i, q in enumerate(names)}
@@ -647,12 +729,27 @@ class SQLAlchemyBroker(BrokerBase):
             while len(self._settled) > _SETTLED_MEMORY:
                 self._settled.popitem(last=False)
 
-    def _lost(self, conn: Connection, receipt: _Receipt) -> bool:
-        """After a guarded statement matched nothing: True when the row still exists (held
-        by a newer delivery, or back in a queue): the lease was lost. False when gone."""
-        t = self._table
-        found = conn.execute(sa.select(t.c.id).where(t.c.id == receipt.row_id)).first()
-        return found is not None
+    def _guarded(self, statement: Any, receipt: _Receipt, what: str, **params: Any) -> bool:
+        """Run ``statement`` guarded by (row id, lease token); True when the lease was lost
+        (nothing matched and the row still exists: held by a newer delivery or back in a
+        queue). A row that is gone means someone settled it: not an error."""
+        values = self._params(row_id=receipt.row_id, token=receipt.token, **params)
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(statement, values).rowcount:
+                return False
+            return conn.execute(self._sql_exists, values).first() is not None
+
+        return self._db.transaction(work, what=what)
+
+    def _lost_lease(self, delivery: Delivery, receipt: _Receipt) -> None:
+        if self._was_settled(receipt):
+            return  # settled by this very delivery before: a repeat is a no-op
+        self._settle(receipt)
+        raise InvalidReceipt(
+            f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} no longer holds its "
+            "message (its lease expired and it was delivered again)"
+        )
 
     def ack(self, delivery: Delivery) -> None:
         """Delete the row if this delivery still holds it. Idempotent. One transaction.
@@ -664,21 +761,8 @@ class SQLAlchemyBroker(BrokerBase):
         """
         self._check_open()
         receipt = self._receipt(delivery)
-        t = self._table
-
-        def work(conn: Connection) -> bool:
-            deleted = conn.execute(
-                sa.delete(t).where(t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
-            ).rowcount
-            return deleted == 0 and self._lost(conn, receipt)
-
-        lost = self._db.transaction(work, what="ack")
-        if lost and not self._was_settled(receipt):
-            self._settle(receipt)
-            raise InvalidReceipt(
-                f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} no longer holds "
-                "its message (lease expired and it was redelivered)"
-            )
+        if self._guarded(self._sql_ack, receipt, "ack"):
+            self._lost_lease(delivery, receipt)
         self._settle(receipt)
 
     def reject(self, delivery: Delivery, *, requeue: bool = False, reason: str = "") -> None:
@@ -692,37 +776,23 @@ class SQLAlchemyBroker(BrokerBase):
         """
         self._check_open()
         receipt = self._receipt(delivery)
-        t = self._table
-        guard = (t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
         dead = self.dead_letter_queue(delivery.queue)
-
-        def work(conn: Connection) -> bool:
-            if requeue:
-                stmt: Any = sa.update(t).values(lease_owner=None, lease_expires=0.0)
-            elif len(dead) > _QUEUE_COLUMN_LENGTH:
-                # A dead-letter queue name the column cannot hold: drop the message instead.
-                stmt = sa.delete(t)
-            else:
-                stmt = sa.update(t).values(
-                    queue=dead,
-                    lease_owner=None,
-                    lease_expires=0.0,
-                    delayed=False,
-                    delivery_count=0,
-                    dead_from=delivery.queue,
-                    dead_reason=reason,
-                    dead_at=self._now(),
-                )
-            changed = conn.execute(stmt.where(*guard)).rowcount
-            return changed == 0 and self._lost(conn, receipt)
-
-        lost = self._db.transaction(work, what="reject")
-        if lost and not self._was_settled(receipt):
-            self._settle(receipt)
-            raise InvalidReceipt(
-                f"delivery of {delivery.envelope.id!r} on {delivery.queue!r} no longer holds "
-                "its message (lease expired and it was redelivered)"
+        if requeue:
+            lost = self._guarded(self._sql_requeue, receipt, "reject")
+        elif len(dead) > _QUEUE_COLUMN_LENGTH:
+            # A dead-letter queue name the column cannot hold: drop the message instead.
+            lost = self._guarded(self._sql_ack, receipt, "reject")
+        else:
+            lost = self._guarded(
+                self._sql_dead,
+                receipt,
+                "reject",
+                dead_queue=dead,
+                dead_from=delivery.queue,
+                dead_reason=reason,
             )
+        if lost:
+            self._lost_lease(delivery, receipt)
         self._settle(receipt)
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
@@ -736,15 +806,10 @@ class SQLAlchemyBroker(BrokerBase):
         if not (isinstance(seconds, float | int) and seconds > 0 and math.isfinite(seconds)):
             raise ConfigurationError(f"seconds must be a positive number: {seconds!r}")
         receipt = self._receipt(delivery)
-        t = self._table
+        params = self._params(row_id=receipt.row_id, token=receipt.token, seconds=float(seconds))
 
         def work(conn: Connection) -> int:
-            stmt = (
-                sa.update(t)
-                .where(t.c.id == receipt.row_id, t.c.lease_owner == receipt.token)
-                .values(lease_expires=self._now() + sa.literal(float(seconds), sa.Double()))
-            )
-            return int(conn.execute(stmt).rowcount)
+            return int(conn.execute(self._sql_extend, params).rowcount)
 
         if self._db.transaction(work, what="extend") == 0:
             raise InvalidReceipt(
@@ -764,25 +829,25 @@ class SQLAlchemyBroker(BrokerBase):
         _check_queue(queue)
         self._ensure_schema()
         t = self._table
+        now = self._now_sql()
+        unheld = sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires <= now)
+        pick = (
+            sa.select(t.c.id)
+            .where(t.c.queue == queue, unheld)
+            .order_by(t.c.id)
+            .limit(_PURGE_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        delete = sa.delete(t).where(t.c.id.in_(sa.bindparam("ids", expanding=True)), unheld)
         total = 0
         while True:
 
             def work(conn: Connection) -> tuple[int, int]:
-                now = self._now()
-                unheld = sa.or_(t.c.lease_owner.is_(None), t.c.lease_expires <= now)
-                ids = list(
-                    conn.execute(
-                        sa.select(t.c.id)
-                        .where(t.c.queue == queue, unheld)
-                        .order_by(t.c.id)
-                        .limit(_PURGE_BATCH)
-                        .with_for_update(skip_locked=True)
-                    ).scalars()
-                )
+                params = self._params()
+                ids = list(conn.execute(pick, params).scalars())
                 if not ids:
                     return 0, 0
-                deleted = conn.execute(sa.delete(t).where(t.c.id.in_(ids), unheld)).rowcount
-                return len(ids), int(deleted)
+                return len(ids), int(conn.execute(delete, {**params, "ids": ids}).rowcount)
 
             seen, deleted = self._db.transaction(work, what=f"purge {queue!r}")
             total += deleted
@@ -795,15 +860,15 @@ class SQLAlchemyBroker(BrokerBase):
         _check_queue(queue)
         self._ensure_schema()
         t = self._table
+        now = self._now_sql()
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(t)
+            .where(t.c.queue == queue, t.c.not_before <= now, t.c.lease_expires <= now)
+        )
 
         def work(conn: Connection) -> int:
-            now = self._now()
-            stmt = (
-                sa.select(sa.func.count())
-                .select_from(t)
-                .where(t.c.queue == queue, t.c.not_before <= now, t.c.lease_expires <= now)
-            )
-            return int(conn.execute(stmt).scalar_one())
+            return int(conn.execute(stmt, self._params()).scalar_one())
 
         return self._db.transaction(work, what=f"size of {queue!r}", readonly=True)
 
@@ -839,15 +904,19 @@ class SQLAlchemyBroker(BrokerBase):
         t = self._table
         ids = sorted(held)
         prefix = f"{self._instance}:"
+        release = (
+            sa.update(t)
+            .where(
+                t.c.id.in_(sa.bindparam("ids", expanding=True)),
+                t.c.lease_owner.startswith(prefix, autoescape=True),
+            )
+            .values(lease_owner=None, lease_expires=0.0)
+        )
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
 
             def work(conn: Connection, chunk: list[int] = chunk) -> None:
-                conn.execute(
-                    sa.update(t)
-                    .where(t.c.id.in_(chunk), t.c.lease_owner.startswith(prefix, autoescape=True))
-                    .values(lease_owner=None, lease_expires=0.0)
-                )
+                conn.execute(release, {"ids": chunk})
 
             self._db.transaction(work, what="release leases")
 
