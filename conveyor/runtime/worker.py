@@ -534,6 +534,11 @@ class Worker:
                 "retries": request.retries,
                 "queue": request.delivery_info.get("routing_key"),
             }
+        if getattr(self.app.backend, "routes_by_reply_to", False):
+            # rpc://: the result is a message to the sender's reply queue (celery-wire 3.5);
+            # the backend takes these two keys out of the stored meta.
+            extended["reply_to"] = request.reply_to or ""
+            extended["correlation_id"] = request.correlation_id or request.id
         return ResultRecord(
             task_id=request.id,
             state=state,
