@@ -35,6 +35,7 @@ __all__ = [
     "make_amqp_broker",
     "rabbitmqctl",
     "require_amqp",
+    "terminating",
 ]
 
 AMQP_URL = os.environ.get("CONVEYOR_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -75,6 +76,21 @@ def require_amqp() -> str:
 @pytest.fixture
 def amqp_url() -> str:
     return require_amqp()
+
+
+@contextlib.contextmanager
+def terminating(proc: subprocess.Popen[bytes], grace: float = 10.0) -> Iterator[None]:
+    """Always end ``proc`` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(grace)
 
 
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
