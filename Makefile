@@ -1,7 +1,7 @@
 # conveyor's entry points. `make test` works on a fresh clone as root: it creates .venv,
 # installs and starts the servers the tox envs need, and runs every tox env in parallel.
 #
-#   make test      every tox env (lint, type, unit, memory, sqla-*, redis, mongodb);
+#   make test      every tox env (lint, type, unit, memory, sqla-*, redis, amqp, mongodb);
 #                  TOX_ENVS=unit,lint make test runs some
 #   make demo      run `conveyor demo` on the embedded default (memory://)
 #   make lint      ruff check + ruff format --check, in .venv
@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.conveyor-dev-installed
 
 # Servers the tox envs in tox.ini need. Add one here when its env lands in tox.ini.
-TEST_SERVICES := postgres mariadb redis mongodb
+TEST_SERVICES := postgres mariadb redis rabbitmq mongodb
 SERVICES ?= postgres mariadb redis rabbitmq memcached mongodb
 # tox envs to run (comma-separated); empty means tox.ini's env_list.
 TOX_ENVS ?=
