@@ -7,11 +7,18 @@ a failure under ``CI=true`` / ``CONVEYOR_REQUIRE_SERVICES=1``.
 Tests share the vhost with other runs and xdist workers, so every test uses unique queue
 names; :class:`QueueJanitor` deletes the queues (with their delay levels and dead-letter
 queues) a test declared, so runs do not pile up durable queues on the server.
+
+The restart test stops the machine's RabbitMQ. :func:`server_lock` is a machine-wide
+reader/writer lock (``flock`` on ``CONVEYOR_TEST_AMQP_LOCK``, default
+``/tmp/conveyor-rabbitmq-tests.lock``): every test using the server holds it shared (the
+``amqp_url`` fixture does), the restart test holds it exclusively, so no other AMQP test, in
+this run or a parallel one, sees the outage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import shutil
@@ -35,12 +42,25 @@ __all__ = [
     "make_amqp_broker",
     "rabbitmqctl",
     "require_amqp",
+    "server_lock",
     "terminating",
 ]
 
 AMQP_URL = os.environ.get("CONVEYOR_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: Same credentials, a port nothing listens on.
 UNREACHABLE_AMQP_URL = "amqp://guest:guest@127.0.0.1:1//"
+LOCK_PATH = os.environ.get("CONVEYOR_TEST_AMQP_LOCK", "/tmp/conveyor-rabbitmq-tests.lock")
+
+
+@contextlib.contextmanager
+def server_lock(*, exclusive: bool = False) -> Iterator[None]:
+    """Hold the machine-wide RabbitMQ test lock (shared, or exclusive for restarts)."""
+    with open(LOCK_PATH, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -74,8 +94,10 @@ def require_amqp() -> str:
 
 
 @pytest.fixture
-def amqp_url() -> str:
-    return require_amqp()
+def amqp_url() -> Iterator[str]:
+    """The server URL, held under the shared :func:`server_lock` for the test."""
+    with server_lock():
+        yield require_amqp()
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import pytest
 
 pytest.importorskip("celery")
 
-from amqpsupport import AMQP_URL, QueueJanitor, require_amqp, terminating
+from amqpsupport import AMQP_URL, QueueJanitor, require_amqp, server_lock, terminating
 
 from conveyor.core.types import State
 from conveyor.runtime import App
@@ -84,15 +84,16 @@ class Direction:
 
 @pytest.fixture(scope="module")
 def janitor() -> Iterator[QueueJanitor]:
-    keeper = QueueJanitor(require_amqp())
-    yield keeper
-    keeper.queues |= {
-        CELERY_QUEUE,
-        CELERY_QUEUE + CUSTOM,
-        CONVEYOR_QUEUE,
-        CONVEYOR_QUEUE + CUSTOM,
-    }
-    keeper.clean()
+    with server_lock():
+        keeper = QueueJanitor(require_amqp())
+        yield keeper
+        keeper.queues |= {
+            CELERY_QUEUE,
+            CELERY_QUEUE + CUSTOM,
+            CONVEYOR_QUEUE,
+            CONVEYOR_QUEUE + CUSTOM,
+        }
+        keeper.clean()
 
 
 def _conveyor_client(janitor: QueueJanitor, max_priority: int | None = None) -> App:
