@@ -295,7 +295,10 @@ class MongoDBResultBackend(ResultBackendBase):
 
     def _create_indexes(self) -> None:
         ttl = IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0)
-        done = IndexModel([("date_done", ASCENDING)])
+        # Exactly Celery's create_index('date_done', background=True): MongoDB >= 4.2 ignores
+        # the background flag, but a server that compares it (SecantusDB) would otherwise
+        # refuse Celery's request with IndexKeySpecsConflict.
+        done = IndexModel([("date_done", ASCENDING)], background=True)
         for collection, models in (
             (self._tasks, [done, ttl]),
             (self._groups, [done, ttl]),
