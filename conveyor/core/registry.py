@@ -299,7 +299,9 @@ class Registry:
             for kind, group in (("broker", BROKER_GROUP), ("result_backend", RESULT_BACKEND_GROUP)):
                 table = self._tables[kind]
                 for ep in entry_points(group=group):
-                    name = ep.name.lower()
+                    # 'acmesql+' declares a prefix scheme ('acmesql+postgresql://...').
+                    prefix = ep.name.endswith("+")
+                    name = ep.name.lower().rstrip("+")
                     existing = table.get(name)
                     if existing is not None and existing.builtin:
                         log.warning(
@@ -310,7 +312,7 @@ class Registry:
                         )
                         continue
                     if existing is None:
-                        table[name] = Entry(ep.value, prefix=name.endswith("+"))
+                        table[name] = Entry(ep.value, prefix=prefix)
 
 
 _SQL_DIALECTS = frozenset(

@@ -23,7 +23,11 @@ __all__ = ["ParsedURL", "mask_url", "parse_url", "scheme_of", "split_alternates"
 MASK = "***"
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # user:password@ in any URL-ish text; the password part stops at the last '@' before the host.
-_USERINFO_RE = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@;\s]*):(?P<pw>[^;\s]*)@")
+# The password may contain '@' (the last '@' before the path or query ends it).
+_USERINFO_RE = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@;\s]*):(?P<pw>[^;\s?#]*)@")
+# Fallback for text that is not a well-formed URL ('redis:/u:pw@h', 'u:pw@h:6379'): any
+# 'user:secret@' token. The password part stops at '/', '@', ';' or white space.
+_LOOSE_USERINFO_RE = re.compile(r"(?P<pre>(?:^|(?<=[\s;/'\"]))[^:/@;\s'\"]+):(?P<pw>[^/@;\s]+)@")
 
 
 def scheme_of(url: str) -> str:
@@ -53,7 +57,8 @@ def mask_url(url: str) -> str:
     """
     if not url:
         return url
-    return _USERINFO_RE.sub(lambda m: f"{m.group('pre')}:{MASK}@", url)
+    masked = _USERINFO_RE.sub(lambda m: f"{m.group('pre')}:{MASK}@", url)
+    return _LOOSE_USERINFO_RE.sub(lambda m: f"{m.group('pre')}:{MASK}@", masked)
 
 
 def split_alternates(url: str) -> list[str]:

@@ -259,11 +259,6 @@ def test_a_url_without_scheme_is_invalid(registry: Registry, url: str) -> None:
         registry.lookup("broker", url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheme_of() masks with mask_url(), which only recognises 'scheme://user:pw@'; "
-    "a URL missing its '//' is echoed with its password (conveyor/core/urls.py)",
-)
 @pytest.mark.parametrize("url", ["redis:/user:hunter2@localhost", "user:hunter2@localhost:6379"])
 def test_a_malformed_url_error_never_shows_its_password(registry: Registry, url: str) -> None:
     with pytest.raises(InvalidURL) as info:
@@ -481,11 +476,6 @@ def test_entry_points_are_scanned_lazily_and_importing_waits_for_lookup() -> Non
     assert "conveyor_acme" in sys.modules
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry._scan_entry_points stores a prefix entry point 'acmesql+' under the key "
-    "'acmesql+', but _find looks prefixes up by the part before '+' ('acmesql')",
-)
 def test_an_entry_point_name_ending_in_plus_declares_a_prefix_scheme(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
