@@ -156,13 +156,23 @@ class Database:
     def masked_url(self) -> str:
         return mask_url(self.url_text)
 
-    def transaction(self, fn: Callable[[Connection], T], *, what: str, readonly: bool = False) -> T:
+    def transaction(
+        self,
+        fn: Callable[[Connection], T],
+        *,
+        what: str,
+        readonly: bool = False,
+        relaxed: bool = False,
+    ) -> T:
         """Run ``fn(conn)`` in one transaction, retrying deadlocks/serialization failures.
 
         Blocks for the duration of the transaction plus bounded retries (``max_retries``
         attempts with jittered exponential backoff, 2 ms doubling to 0.25 s). ``fn`` must not
         change Python-side state before it returns: it may run several times and only the
         last run commits.
+
+        ``readonly`` work runs in a deferred (non-locking) transaction on SQLite. ``relaxed``
+        work commits asynchronously on PostgreSQL (``synchronous_commit = off``).
 
         Raises:
             OperationalError: (or a subclass) when the database failed or retries ran out;
@@ -178,8 +188,8 @@ class Database:
             try:
                 if self.lock is not None:
                     with self.lock:
-                        return self._once(fn, readonly)
-                return self._once(fn, readonly)
+                        return self._once(fn, readonly, relaxed)
+                return self._once(fn, readonly, relaxed)
             except (sa_exc.SQLAlchemyError, ConveyorError) as exc:
                 if isinstance(exc, ConveyorError):
                     raise
@@ -207,11 +217,15 @@ class Database:
                     continue
                 raise translate_error(exc, what=what, url=self.url_text) from exc
 
-    def _once(self, fn: Callable[[Connection], T], readonly: bool) -> T:
+    def _once(self, fn: Callable[[Connection], T], readonly: bool, relaxed: bool) -> T:
         with self.engine.connect() as conn:
             if readonly and self.dialect == "sqlite":
                 conn.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
             with conn.begin():
+                if relaxed and self.dialect == "postgresql":
+                    # Commit without waiting for the WAL flush. Only for transactions whose
+                    # loss in a server crash merely causes a redelivery (see the broker).
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 return fn(conn)
 
     def dispose(self) -> None:
@@ -452,14 +466,30 @@ def index_name(table: str, suffix: str) -> str:
     return f"ix_{table[:40]}_{digest}_{suffix[:8]}"
 
 
+def tables_exist(db: Database, metadata: sa.MetaData) -> bool:
+    """True when every table of ``metadata`` exists (a read-only check: on SQLite it does
+    not take the write lock that ``create_all`` would)."""
+
+    def check(conn: Connection) -> bool:
+        inspector = sa.inspect(conn)
+        return all(inspector.has_table(t.name, schema=t.schema) for t in metadata.sorted_tables)
+
+    return db.transaction(check, what="inspect tables", readonly=True)
+
+
 def create_all_race_safe(db: Database, metadata: sa.MetaData, *, what: str) -> None:
     """``metadata.create_all`` that tolerates another process creating the same objects.
 
     Two processes starting at once both see "no table" and both CREATE; the loser gets
     "already exists" (or, on PostgreSQL, a unique violation in ``pg_type``). Retrying sees
-    the tables and does nothing. Bounded: 10 attempts.
+    the tables and does nothing. Bounded: 10 attempts (plus, on SQLite, waits for the write
+    lock up to the operation timeout).
     """
-    for attempt in range(10):
+    if tables_exist(db, metadata):
+        return
+    deadline = time.monotonic() + (db.sqlite_lock_wait or 0.0)
+    attempt = 0
+    while True:
         try:
             if db.lock is not None:
                 with db.lock:
@@ -468,10 +498,14 @@ def create_all_race_safe(db: Database, metadata: sa.MetaData, *, what: str) -> N
                 metadata.create_all(db.engine, checkfirst=True)
             return
         except (sa_exc.ProgrammingError, sa_exc.IntegrityError, sa_exc.OperationalError) as exc:
+            if _sqlite_locked(exc) and time.monotonic() < deadline:
+                time.sleep(random.uniform(0, 0.005))
+                continue
+            attempt += 1
             text = str(getattr(exc, "orig", exc)).lower()
             racing = "exist" in text or "duplicate" in text or is_retryable(exc)
-            if not racing or attempt == 9:
+            if not racing or attempt >= 10:
                 raise translate_error(exc, what=what, url=db.url_text) from exc
-            time.sleep(0.01 * (attempt + 1) * (0.5 + random.random()))
+            time.sleep(0.01 * attempt * (0.5 + random.random()))
         except sa_exc.SQLAlchemyError as exc:
             raise translate_error(exc, what=what, url=db.url_text) from exc
