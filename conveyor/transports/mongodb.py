@@ -1,4 +1,4 @@
-"""MongoDB broker: leased claims with one atomic ``find_one_and_update`` per message.
+"""MongoDB broker: leased claims, each an atomic conditional update of one document.
 
 Capabilities:
     ``at_least_once`` (every delivery is a lease: owner token + expiry; an expired lease is
@@ -13,11 +13,11 @@ URL:
     ``mongodb://[user:pass@]host[:port][,host2:port...]/[database][?options]`` and
     ``mongodb+srv://user:pass@cluster.example.net/[database][?options]``. The URL goes to
     :class:`pymongo.MongoClient` untouched, except that the query keys which are conveyor
-    options (below) are removed first (pymongo warns about, and ignores, keys it does not
-    know). Driver options (``replicaSet``, ``w``, ``tls``, ``authSource``,
-    ``readPreference``, ``serverSelectionTimeoutMS``, ...) therefore work unchanged, and so do
-    replica-set and SRV URLs. The database is the ``database`` option, else the URL's path,
-    else ``conveyor``.
+    options (below) are removed first; a key that is neither conveyor's nor a MongoDB URI
+    option is an error (pymongo would only warn and ignore it). Driver options
+    (``replicaSet``, ``w``, ``tls``, ``authSource``, ``readPreference``,
+    ``serverSelectionTimeoutMS``, ...) therefore work unchanged, and so do replica-set and SRV
+    URLs. The database is the ``database`` option, else the URL's path, else ``conveyor``.
 
 Options (keyword > URL query > default; :class:`MongoDBBrokerOptions`):
     ``lease_seconds`` (60.0), ``poll_interval`` (0.01) and ``max_poll_interval`` (0.2): the
@@ -46,9 +46,14 @@ How it works (``docs/backends/mongodb.md`` has the document layout):
 * A claim is ONE ``find_one_and_update`` on ``{queue, state: ready, lease_expires <= now}``
   sorted by ``priority`` descending then ``_id`` ascending, which sets a fresh lease owner
   token and expiry and increments ``delivery_count``; MongoDB applies it atomically to one
-  document, so two consumers never hold the same message. ``receive(max_messages=n)`` runs
-  up to ``n`` claims. With several queues one claim covers them all (``queue: {$in: ...}``):
-  higher priority first, then the oldest message.
+  document, so two consumers never hold the same message. ``receive(max_messages=n)`` with
+  ``n > 1`` claims up to ``n`` messages in three round trips instead of ``n``: it reads the
+  ids of the best ``n`` ready messages, then ``update_many`` on those ids *with the same
+  readiness filter* stamps one fresh token (MongoDB updates each document atomically and only
+  if it still matches when written, so a message another consumer took in between is
+  skipped, never shared), then reads back the documents carrying the token. With several
+  queues one claim covers them all (``queue: {$in: ...}``): higher priority first, then the
+  oldest message.
 * ``ack``, ``reject`` and ``extend`` are guarded by the lease owner token: a consumer whose
   lease expired and whose message was claimed again gets :class:`InvalidReceipt`.
 * Delayed messages carry ``state: delayed`` and stay out of the claim index; every
@@ -90,6 +95,7 @@ from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo import errors as mongo_errors
 from pymongo.collection import Collection
+from pymongo.uri_parser import split_options
 
 from conveyor.core.base import BrokerBase, validate_queue_name
 from conveyor.core.capabilities import Capability
@@ -103,7 +109,7 @@ from conveyor.core.errors import (
     OperationalError,
     OperationTimeout,
 )
-from conveyor.core.options import build_options
+from conveyor.core.options import build_options, closest
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import mask_url, parse_url
 
@@ -162,6 +168,8 @@ def split_mongodb_url(url: str, option_names: Iterable[str]) -> tuple[str, dict[
 
     Raises:
         InvalidURL: not a ``mongodb://`` or ``mongodb+srv://`` URL, or no host.
+        ConfigurationError: a query key is neither one of ``option_names`` nor a MongoDB URI
+            option (pymongo itself would only warn), or a driver option has a bad value.
     """
     parsed = parse_url(url)  # validates scheme, hosts and ports; masks passwords in errors
     if parsed.scheme not in MONGODB_SCHEMES:
@@ -188,7 +196,31 @@ def split_mongodb_url(url: str, option_names: Iterable[str]) -> tuple[str, dict[
             ours[name] = unquote_plus(value)  # a repeated key: the last one wins
         else:
             kept.append(item)
-    return (f"{head}?{delimiter.join(kept)}" if kept else head), ours
+    driver_url = f"{head}?{delimiter.join(kept)}" if kept else head
+    _check_driver_options(url, delimiter.join(kept), names)
+    return driver_url, ours
+
+
+def _check_driver_options(url: str, query: str, names: frozenset[str]) -> None:
+    """Refuse query keys that are neither conveyor's nor the driver's (pymongo would only
+    warn and ignore them, so a typo such as ``lease_secnds`` would pass silently)."""
+    if not query:
+        return
+    try:
+        split_options(query, validate=True, warn=False)
+    except mongo_errors.ConfigurationError as exc:
+        detail = str(exc).split(". Did you mean", 1)[0]
+        unknown = (
+            detail.removeprefix("Unknown option: ").strip() if "Unknown option" in detail else ""
+        )
+        hint = closest(unknown, names) if unknown else None
+        did = f" Did you mean {hint!r}?" if hint else ""
+        raise ConfigurationError(
+            f"{mask_url(url)!r}: {mask_url(detail)}.{did} conveyor options: "
+            f"{', '.join(sorted(names))}; any other key must be a MongoDB URI option"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"{mask_url(url)!r}: {mask_url(str(exc))}") from None
 
 
 def driver_defaults(
