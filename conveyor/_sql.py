@@ -299,6 +299,12 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
         or code in _MYSQL_LOST
     ):
         return ConnectionLost(f"{where}: {detail}")
+    if orig is not None and type(orig).__module__.startswith("sqlite3"):
+        # sqlite3 reports mistakes as OperationalError too; they are not transient.
+        if any(m in text for m in ("no such table", "no such column", "syntax error")):
+            return ConfigurationError(f"{where}: {detail}")
+        if "readonly" in text or "read-only" in text:
+            return ConfigurationError(f"{where}: {detail}")
     if isinstance(exc, sa_exc.OperationalError):
         # Connection refused, unknown host, server shutting down, disk full: all transient.
         return ConnectionLost(f"{where}: {detail}")
