@@ -314,9 +314,9 @@ class RPCResultBackend(ResultBackendBase):
         expires = self._expiry(properties.expiration)
         with self._cond:
             current = self._records.get(key)
-            if current is not None and current.record.state == State.SUCCESS:
-                if not _expired(current, time.monotonic()):
-                    return  # a redelivered duplicate never replaces a stored SUCCESS
+            kept = current is not None and not _expired(current, time.monotonic())
+            if kept and current is not None and current.record.state == State.SUCCESS:
+                return  # a redelivered duplicate never replaces a stored SUCCESS
             self._records[key] = _Cached(record, expires)
             self._records.move_to_end(key)
             while len(self._records) > self.options.max_cached:
