@@ -1,11 +1,5 @@
 """``rpc://`` result backend: results as AMQP messages to the client's reply queue.
 
-Compatible with Celery's rpc backend in both directions (celery-wire 3.5): a worker publishes
-each state to exchange ``""`` with routing key = the task's ``reply_to`` and
-``correlation_id`` = the task id, delivery mode 1 (2 with ``persistent``), priority 0, no
-headers, body = the result meta with ``task_id``; the client consumes its own reply queue and
-keeps the latest state per task id.
-
 Capabilities:
     ``wait`` (push: a consumer on the reply queue wakes waiters), ``native_ttl`` (each result
     message carries an AMQP ``expiration`` = its ttl and RabbitMQ drops it when due; the
@@ -18,12 +12,14 @@ Capabilities:
 
 URL:
     ``rpc://``: results travel over the AMQP broker. The broker URL comes from the
-    ``broker_url`` option (the runtime passes its own; see ``docs/backends/amqp.md``), which
-    also carries the connection options (``heartbeat``, ``ssl_*``, ...).
+    ``broker_url`` option (``result_backend_transport_options`` until ``App`` passes its own
+    broker URL, see ``docs/backends/amqp.md``), which also carries the connection options
+    (``heartbeat``, ``ssl_*``, ...).
 
 Options (keyword > URL query > default; :class:`RPCResultBackendOptions`):
     ``broker_url`` (required), ``reply_to`` (the reply queue; default ``None``: a new UUID,
-    like Celery's ``oid``; the runtime passes the app's ``oid``), ``default_ttl`` (86400.0:
+    like Celery's ``oid``; it must be the ``reply_to`` the client puts in its tasks, the
+    app's ``oid``), ``default_ttl`` (86400.0:
     also the queue's ``x-expires``, as Celery's ``result_expires``), ``persistent``
     (False: delivery mode 1), ``serializer`` (``json``), ``accept`` (``("json",)``),
     ``max_cached`` (100000 records kept in memory, oldest dropped first), plus the AMQP
@@ -33,6 +29,12 @@ Thread-safety:
     One instance may be shared by the threads of one process: it owns one AMQP connection
     driven by one I/O thread (:class:`~conveyor.transports.amqp.AMQPLink`), and the records
     read so far sit behind a lock. Never share it across ``fork()``.
+
+Compatible with Celery's rpc backend in both directions (celery-wire 3.5): a worker publishes
+each state to exchange ``""`` with routing key = the task's ``reply_to`` and
+``correlation_id`` = the task id, delivery mode 1 (2 with ``persistent``), priority 0, no
+headers, body = the result meta with ``task_id``; the client consumes its own reply queue and
+keeps the latest state per task id.
 
 Reading: the first ``fetch``/``wait`` declares the reply queue exactly as Celery does
 (``durable=True, auto_delete=True, x-expires=default_ttl``, no binding) and consumes it with
@@ -154,7 +156,7 @@ class RPCResultBackend(ResultBackendBase):
         if not options.broker_url:
             raise ConfigurationError(
                 "rpc:// sends results over the AMQP broker: pass broker_url='amqp://...' "
-                "(the runtime passes its broker URL)"
+                "(in result_backend_transport_options)"
             )
         if scheme_of(options.broker_url) not in ("amqp", "amqps", "pyamqp"):
             raise ConfigurationError(
