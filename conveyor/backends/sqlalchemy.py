@@ -76,12 +76,16 @@ from conveyor._sql import (
     make_database,
     split_url,
     sql_identifier,
-    translate_error,
 )
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import group_from_meta, group_meta, meta_from_record, record_from_meta
-from conveyor.core.errors import ConfigurationError, ConnectionLost, DecodeError
+from conveyor.core.errors import (
+    ConfigurationError,
+    ConnectionLost,
+    DecodeError,
+    OperationalError,
+)
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
@@ -386,15 +390,20 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         return frozenset(present)
 
     def _columns_of(self, table: sa.Table) -> set[str]:
-        try:
-            if self._db.lock is not None:
-                with self._db.lock:
-                    inspector = sa.inspect(self._db.engine)
-                    return {c["name"] for c in inspector.get_columns(table.name, table.schema)}
-            inspector = sa.inspect(self._db.engine)
-            return {c["name"] for c in inspector.get_columns(table.name, table.schema)}
-        except sa_exc.SQLAlchemyError as exc:
-            raise translate_error(exc, what="inspect tables", url=self._db.url_text) from exc
+        def work(conn: Connection) -> set[str] | None:
+            try:
+                columns = sa.inspect(conn).get_columns(table.name, table.schema)
+            except sa_exc.NoSuchTableError:
+                return None
+            return {c["name"] for c in columns}
+
+        found = self._db.transaction(work, what="inspect tables", readonly=True)
+        if found is None:
+            raise ConfigurationError(
+                f"table {table.name!r} does not exist on {self._db.masked_url}; create it "
+                "with create_tables() or let the backend create it (create_tables=True)"
+            )
+        return found
 
     def _add_column(self, table: sa.Table, name: str) -> None:
         column = table.c[name]
@@ -405,18 +414,19 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             f"{prep.quote(name)} {column.type.compile(dialect)}"
         )
         log.info("adding column %s to %s", name, table.name)
+
+        def work(conn: Connection) -> None:
+            conn.exec_driver_sql(ddl)
+            for index in table.indexes:
+                if [c.name for c in index.columns] == [name]:
+                    index.create(conn, checkfirst=True)
+
         try:
-            with self._db.engine.begin() as conn:
-                conn.exec_driver_sql(ddl)
-                for index in table.indexes:
-                    if [c.name for c in index.columns] == [name]:
-                        index.create(conn, checkfirst=True)
-        except sa_exc.SQLAlchemyError as exc:
-            text = str(getattr(exc, "orig", exc)).lower()
-            if "duplicate" not in text and "exist" not in text:  # not another process's ALTER
-                raise translate_error(
-                    exc, what=f"add column {name}", url=self._db.url_text
-                ) from exc
+            self._db.transaction(work, what=f"add column {name} to {table.name}")
+        except OperationalError as exc:
+            text = str(exc.__cause__ or exc).lower()
+            if "duplicate" not in text and "exist" not in text:
+                raise  # not merely another process's identical ALTER
 
     def _ensure_schema(self) -> None:
         self._check_open()
@@ -451,7 +461,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         except DecodeError:
             # Rows written by Celery <= 5.6 hold a pickle whatever the serializer; read them
             # only where pickle was explicitly accepted (Celery reads them unconditionally).
-            if raw[:1] == b"\x80" and "pickle" in self._accept:
+            pickle_type = self._serializers.get("pickle").content_type
+            if raw[:1] == b"\x80" and pickle_type in self._accept:
                 return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
             raise
 
