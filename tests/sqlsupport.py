@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +163,6 @@ def make_target(kind: str, tmp_path: Path) -> SqlTarget:
 
 
 @pytest.fixture(params=sql_target_params())
-def sql_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTarget]:
+def sql_target(request: pytest.FixtureRequest, tmp_path: Path) -> SqlTarget:
     """Each selected database in turn (SQLite file and :memory:, PostgreSQL, MariaDB)."""
-    yield make_target(request.param, tmp_path)
+    return make_target(request.param, tmp_path)
