@@ -105,7 +105,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import hashlib
 import heapq
 import itertools
@@ -831,6 +830,9 @@ class AMQPLink:
         self._pub_seq = 0
         self._unconfirmed: OrderedDict[int, tuple[_PubBatch, int]] = OrderedDict()
         self._pub_parked: list[_PubBatch] = []
+        self._pub_lock = threading.Lock()
+        self._pub_queue: deque[_PubBatch] = deque()
+        self._pub_wake = False
         self._backoff = options.retry_interval
         self._retry_handle: Any = None
         self._tick_handle: Any = None
@@ -979,7 +981,7 @@ class AMQPLink:
         while todo:
             self.await_open(deadline)
             batch = _PubBatch(todo)
-            self.call_soon(functools.partial(self._io_publish, batch))
+            self._submit(batch)
             remaining = deadline - time.monotonic()
             if not batch.done.wait(max(0.0, remaining)):
                 batch.abandoned = True
@@ -999,6 +1001,16 @@ class AMQPLink:
                     raise error.error
                 continue
             raise error
+
+    def _submit(self, batch: _PubBatch) -> None:
+        # Concurrent publishers queue their batches and wake the I/O thread once per burst
+        # (one pipe write), not once per message.
+        with self._pub_lock:
+            self._pub_queue.append(batch)
+            if self._pub_wake:
+                return
+            self._pub_wake = True
+        self.call_soon(self._drain_batches)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the connection and stop the I/O thread. Idempotent."""
@@ -1239,6 +1251,11 @@ class AMQPLink:
 
     def _fail_everything(self, error: BaseException) -> None:
         self._fail_unconfirmed(error)
+        with self._pub_lock:
+            queued = list(self._pub_queue)
+            self._pub_queue.clear()
+        for batch in queued:
+            batch.fail(error)
         for batch in self._pub_parked:
             batch.fail(error)
         self._pub_parked = []
@@ -1363,6 +1380,15 @@ class AMQPLink:
         self._ioloop.add_callback_threadsafe(self._kick_ops)
 
     # ------------------------------------------------------------------ I/O thread: publish
+    def _drain_batches(self) -> None:
+        while True:
+            with self._pub_lock:
+                if not self._pub_queue:
+                    self._pub_wake = False
+                    return
+                batch = self._pub_queue.popleft()
+            self._io_publish(batch)
+
     def _io_publish(self, batch: _PubBatch) -> None:
         if batch.abandoned or batch.done.is_set():
             return
