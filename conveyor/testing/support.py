@@ -27,8 +27,8 @@ __all__ = [
     "eventually",
     "missing_capabilities",
     "requires",
-    "services_required",
     "service_unavailable",
+    "services_required",
     "unique_name",
 ]
 
