@@ -3,7 +3,7 @@
 #
 #   make test      every tox env (lint, type, unit, memory, sqla-*, redis, amqp, mongodb);
 #                  TOX_ENVS=unit,lint make test runs some
-#   make demo      run `conveyor demo` on the embedded default (memory://)
+#   make demo      run `conveyor demo` on the embedded default (SQLite in ./.conveyor)
 #   make lint      ruff check + ruff format --check, in .venv
 #   make type      mypy --strict, in .venv
 #   make services  install/start every server the tests can use (SERVICES="redis mongodb")
