@@ -190,6 +190,7 @@ _DELAY_QUEUE_INFIX = ".conveyor.delay."
 _MAX_NAME_BYTES = 255
 _MAX_PREFETCH = 65535
 _CHANNELS = ("pub", "adm", "con")
+_RETRY_LOG_INTERVAL = 30.0  # seconds between warnings while reconnect attempts keep failing
 # Headers RabbitMQ adds that are not part of the envelope.
 _DEATH_SUMMARY_KEYS = (
     "x-first-death-exchange",
@@ -834,6 +835,7 @@ class AMQPLink:
         self._pub_queue: deque[_PubBatch] = deque()
         self._pub_wake = False
         self._backoff = options.retry_interval
+        self._last_retry_log = -math.inf
         self._retry_handle: Any = None
         self._tick_handle: Any = None
         self._workflow: Any = None
@@ -1098,7 +1100,12 @@ class AMQPLink:
                 return
             delay = self._backoff
             self._backoff = min(self._backoff * 2, self.options.max_retry_interval)
-            log.warning("%s: %s; retrying in %.1fs", self.name, error, delay)
+            now = time.monotonic()
+            if now - self._last_retry_log >= _RETRY_LOG_INTERVAL:
+                self._last_retry_log = now
+                log.warning("%s: %s; retrying in %.1fs", self.name, error, delay)
+            else:
+                log.debug("%s: %s; retrying in %.1fs", self.name, error, delay)
             self._retry_handle = self._ioloop.call_later(delay, self._connect)
             return
         conn = result
@@ -1154,6 +1161,7 @@ class AMQPLink:
                         self._state = _OPEN
                     self._cond.notify_all()
                 self._backoff = self.options.retry_interval
+                self._last_retry_log = -math.inf
                 log.info("%s: connected to %s", self.name, self._conn_desc())
                 self._schedule_tick()
                 if self.on_ready is not None:
