@@ -5,7 +5,8 @@ Selection (the tox envs ``sqla-sqlite``, ``sqla-postgres``, ``sqla-mysql`` set i
 * ``CONVEYOR_TEST_SQL`` = comma-separated subset of ``sqlite``, ``postgres``, ``mysql``.
   A selected server that does not answer is :func:`service_unavailable` (skip locally, fail
   under ``CI=true`` / ``CONVEYOR_REQUIRE_SERVICES=1``).
-* Unset: SQLite always, plus PostgreSQL and MariaDB/MySQL when they answer right now.
+* Unset: SQLite always, plus PostgreSQL and MariaDB/MySQL when they answer right now and
+  their driver is installed.
 
 Server URLs: ``CONVEYOR_TEST_POSTGRES_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and ``CONVEYOR_TEST_MYSQL_URL``
@@ -56,7 +57,14 @@ def server_url(kind: str) -> str:
 
 @functools.cache
 def _answers(kind: str) -> bool:
+    """The server's port accepts connections and its driver is installed (an env without
+    the driver, such as tox's ``memory``, tests SQLite only unless told otherwise)."""
     url = make_url(_SERVERS[kind])
+    try:
+        dialect = url.get_dialect()
+        dialect.import_dbapi()
+    except Exception:
+        return False
     port = url.port or {"postgres": 5432, "mysql": 3306}[kind]
     try:
         with socket.create_connection((url.host or "127.0.0.1", port), timeout=0.5):
