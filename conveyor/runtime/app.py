@@ -26,11 +26,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import ConfigurationError
-from conveyor.core.registry import Registry, default_registry, result_backend_from_url
+from conveyor.core.registry import Registry, default_registry
 from conveyor.core.urls import mask_url
 from conveyor.runtime.config import Settings
 from conveyor.runtime.result import AsyncResult
@@ -103,6 +103,7 @@ class App:
         self._backend: Any = None
         self._declared: set[str] = set()
         self._forked_leftovers: tuple[Any, Any] = (None, None)
+        self._reply_declared = False
         self.oid = str(uuid.uuid4())
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
 
@@ -149,15 +150,9 @@ class App:
         if self._broker is None:
             with self._lock:
                 if self._broker is None:
-                    url = self.broker_url
-                    if url == default_broker_url():
-                        _home().mkdir(parents=True, exist_ok=True)
-                    options = dict(self.conf.broker_transport_options or {})
-                    cls = (self.registry or default_registry).lookup("broker", url)
-                    if Capability.LEASE_EXTENSION in getattr(cls, "capabilities", ()):
-                        # The worker's heartbeat renews leases of this length.
-                        options.setdefault("lease_seconds", float(self.conf.worker_lease_seconds))
-                    self._broker = cls.from_url(url, **options)
+                    self._broker = self._connect(
+                        "broker", self.broker_url, self.conf.broker_transport_options
+                    )
         return self._broker
 
     @property
@@ -166,12 +161,36 @@ class App:
         if self._backend is None:
             with self._lock:
                 if self._backend is None:
-                    url = self.result_backend_url
-                    if url == default_result_backend_url():
-                        _home().mkdir(parents=True, exist_ok=True)
-                    options = dict(self.conf.result_backend_transport_options or {})
-                    self._backend = result_backend_from_url(url, registry=self.registry, **options)
+                    self._backend = self._connect(
+                        "result_backend",
+                        self.result_backend_url,
+                        self.conf.result_backend_transport_options,
+                    )
         return self._backend
+
+    def _connect(self, kind: Literal["broker", "result_backend"], url: str, given: Any) -> Any:
+        """Build the broker or backend for ``url`` with the options the runtime implies."""
+        if url in (default_broker_url(), default_result_backend_url()):
+            _home().mkdir(parents=True, exist_ok=True)
+        options = dict(given or {})
+        cls = (self.registry or default_registry).lookup(kind, url)
+        if kind == "broker" and Capability.LEASE_EXTENSION in getattr(cls, "capabilities", ()):
+            # The worker's heartbeat renews leases of this length.
+            options.setdefault("lease_seconds", float(self.conf.worker_lease_seconds))
+        if kind == "result_backend" and getattr(cls, "routes_by_reply_to", False):
+            # rpc://: results travel over the broker to this app's reply queue.
+            options.setdefault("broker_url", self.broker_url)
+            options.setdefault("reply_to", self.oid)
+            options.setdefault("default_ttl", self.conf.result_expires)
+        return cls.from_url(url, **options)
+
+    def _reply_queue_needed(self) -> bool:
+        """Whether results come back as replies (rpc://), so the reply queue must exist before
+        the first task is sent (else an early reply is dropped)."""
+        if self._reply_declared:
+            return False
+        cls = (self.registry or default_registry).lookup("result_backend", self.result_backend_url)
+        return bool(getattr(cls, "routes_by_reply_to", False))
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's connections without closing them.
@@ -184,6 +203,7 @@ class App:
         self._backend = None
         self._lock = threading.Lock()
         self._declared = set()
+        self._reply_declared = False
 
     def close(self) -> None:
         """Close the broker and result backend connections. Idempotent."""
@@ -191,6 +211,7 @@ class App:
             broker, self._broker = self._broker, None
             backend, self._backend = self._backend, None
             self._declared.clear()
+            self._reply_declared = False
         for conn in (broker, backend):
             if conn is not None:
                 conn.close()
@@ -352,6 +373,9 @@ class App:
             compression=compression or self.conf.task_compression,
         )
         target = queue or self.route(name, args, kwargs)
+        if not message.ignore_result and self._reply_queue_needed():
+            self.backend.declare_reply_queue()
+            self._reply_declared = True
         broker = self.broker
         if target not in self._declared:
             broker.declare_queue(target)
