@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.conveyor-dev-installed
 
 # Servers the tox envs in tox.ini need. Add one here when its env lands in tox.ini.
-TEST_SERVICES := postgres mariadb redis rabbitmq mongodb
+TEST_SERVICES := postgres mariadb redis rabbitmq memcached mongodb
 SERVICES ?= postgres mariadb redis rabbitmq memcached mongodb
 # tox envs to run (comma-separated); empty means tox.ini's env_list.
 TOX_ENVS ?=
