@@ -537,13 +537,17 @@ class MongoDBResultBackend(ResultBackendBase):
         ttl: float | None,
         projection: dict[str, Any],
     ) -> dict[str, Any]:
-        """ONE ``find_one_and_update`` (pipeline update, upsert) on the counter ``key``.
+        """ONE atomic ``find_one_and_update`` (pipeline update) on the counter ``key``.
 
         The pipeline sets the counted field to ``fresh`` when the document has expired (the
         TTL monitor has not deleted it yet) and to ``updated`` otherwise, and refreshes
-        ``expires_at``, all in the same atomic write. The filter is the bare ``_id``, so the
-        write is a primary-key update, and concurrent first writers are sorted out by the
-        unique ``_id`` (the loser gets ``DuplicateKeyError``, retries and matches).
+        ``expires_at``, all in the same write. The filter is the bare ``_id``.
+
+        A missing document is first created empty with ``insert_one`` (a concurrent creator
+        makes ours fail with ``DuplicateKeyError``, which is fine), then updated. No upsert:
+        a retry after an upsert that failed in a race is only safe if the failed upsert
+        changed nothing, and SecantusDB 0.7 was seen to count one increment twice that way
+        under load (MongoDB itself retries such races on the server).
         """
         field = "value" if "value" in projection else "members"
         now = datetime.now(_UTC)
@@ -558,27 +562,29 @@ class MongoDBResultBackend(ResultBackendBase):
             field: {"$cond": [expired, fresh, updated]},
             "expires_at": expires if expires is not None else "$$REMOVE",
         }
+        seed: dict[str, Any] = {"_id": key, field: 0 if field == "value" else []}
+        if expires is not None:
+            seed["expires_at"] = expires
         for _ in range(_UPSERT_ATTEMPTS):
-            try:
-                doc = self._counters.find_one_and_update(
-                    {"_id": key},
-                    [{"$set": stage}],
-                    projection=projection,
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
-            except mongo_errors.DuplicateKeyError:
-                continue
+            doc = self._counters.find_one_and_update(
+                {"_id": key},
+                [{"$set": stage}],
+                projection=projection,
+                return_document=ReturnDocument.AFTER,
+            )
             if doc is not None:
                 return doc
+            with contextlib.suppress(mongo_errors.DuplicateKeyError):
+                self._counters.insert_one(dict(seed))
         raise OperationTimeout(
-            f"counter {key!r} on {mask_url(self.url)}: still contended after "
-            f"{_UPSERT_ATTEMPTS} attempts"
+            f"counter {key!r} on {mask_url(self.url)}: deleted again and again while being "
+            f"created ({_UPSERT_ATTEMPTS} attempts)"
         )
 
     def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Atomically add ``amount`` to counter ``key`` (missing or expired: 0); refresh its
-        ttl. One ``find_one_and_update`` (pipeline update with upsert).
+        ttl. One ``find_one_and_update`` (pipeline update); a missing counter is created
+        with ``insert_one`` first.
 
         Raises:
             ConfigurationError: ``amount`` not an int, ``key`` empty.
@@ -596,9 +602,9 @@ class MongoDBResultBackend(ResultBackendBase):
     def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
         """Atomically add ``member`` to set ``key``; return its size. Idempotent per member.
 
-        One ``find_one_and_update`` (pipeline update with ``$setUnion``, upsert); the size is
-        computed by the server in the same step (projection ``$size``), so concurrent adders
-        each see a distinct count.
+        One ``find_one_and_update`` (pipeline update with ``$setUnion``; a missing set is
+        created with ``insert_one`` first); the size is computed by the server in the same
+        step (projection ``$size``), so concurrent adders each see a distinct count.
 
         Raises:
             ConfigurationError: ``key`` empty or ``member`` not a string.
