@@ -38,6 +38,7 @@ from conveyor.testing.support import service_unavailable
 __all__ = [
     "MONGODB_URL",
     "free_port",
+    "is_real_mongodb",
     "mongodb_url",
     "private_secantus",
     "server_description",
@@ -90,6 +91,17 @@ def _shared_server() -> tuple[str | None, str]:
         return server_description(_probe(MONGODB_URL)), ""
     except PyMongoError as exc:
         return None, str(exc).splitlines()[0][:300]
+
+
+def is_real_mongodb() -> bool:
+    """True when the shared server is a MongoDB (not a MongoDB-protocol test server).
+
+    Test servers (SecantusDB: tens of claims per second) get the suites' "slow server" knobs;
+    a real MongoDB gets the full-size tests. Unreachable counts as a test server (the tests
+    then skip or fail on the fixture anyway).
+    """
+    description, _ = _shared_server()
+    return description is not None and description.startswith("MongoDB ")
 
 
 @pytest.fixture(scope="session")

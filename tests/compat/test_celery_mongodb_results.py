@@ -221,20 +221,33 @@ def test_a_celery_success_is_never_overwritten_by_conveyor(
 
 
 def test_celery_documents_expire_for_conveyor_by_date_done(
-    app: Celery,
     mongodb_url: str,  # noqa: F811
+    raw: Any,
 ) -> None:
-    task_id = unique_name("celery-old")
-    app.backend.store_result(task_id, "old", "SUCCESS")
-    short = MongoDBResultBackend.from_url(mongodb_url, default_ttl=1.0)
+    # Own collections: a purge with a 1 s default_ttl would also take every other test's
+    # Celery-written documents.
+    tasks, groups = unique_name("taskmeta"), unique_name("groupmeta")
+    app = _celery_app(mongodb_url)
+    app.conf.mongodb_backend_settings = {
+        "taskmeta_collection": tasks,
+        "groupmeta_collection": groups,
+    }
+    short = MongoDBResultBackend.from_url(
+        mongodb_url, default_ttl=1.0, taskmeta_collection=tasks, groupmeta_collection=groups
+    )
     try:
+        task_id = unique_name("celery-old")
+        app.backend.store_result(task_id, "old", "SUCCESS")
         assert short.fetch(task_id) is not None
         time.sleep(1.5)
         assert short.fetch(task_id) is None, "a Celery result outlived date_done + default_ttl"
-        assert short.purge_expired() >= 1
+        assert short.purge_expired() == 1
         assert app.backend.get_task_meta(task_id)["status"] == "PENDING"
     finally:
         short.close()
+        app.close()
+        raw.drop_collection(tasks)
+        raw.drop_collection(groups)
 
 
 # ============================================================== conveyor writes, Celery reads
