@@ -31,6 +31,7 @@ from typing import Any, Literal, overload
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import ConfigurationError
 from conveyor.core.registry import Registry, default_registry
+from conveyor.core.signing import signer_from_config
 from conveyor.core.urls import mask_url
 from conveyor.runtime.config import Settings
 from conveyor.runtime.result import AsyncResult
@@ -372,6 +373,9 @@ class App:
             serializer=serializer or self.conf.task_serializer,
             compression=compression or self.conf.task_compression,
         )
+        signer = signer_from_config(self.conf.security_key)
+        if signer is not None:  # security_key set: sign body and headers (core/signing.py)
+            envelope = signer.sign(envelope)
         target = queue or self.route(name, args, kwargs)
         if not message.ignore_result and self._reply_queue_needed():
             self.backend.declare_reply_queue()

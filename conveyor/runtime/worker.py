@@ -46,6 +46,7 @@ from conveyor.core.errors import (
     OperationalError,
     SerializationError,
 )
+from conveyor.core.signing import signer_from_config
 from conveyor.core.types import Delivery, Envelope, ResultRecord, State
 from conveyor.core.urls import mask_url
 from conveyor.runtime.exceptions import (
@@ -117,6 +118,8 @@ class Worker:
         accept = conf.accept_content
         self.accept = tuple([accept] if isinstance(accept, str) else accept)
         self.result_ttl = conf.result_expires
+        # security_key set: refuse unsigned or badly signed deliveries before decoding them.
+        self.signer = signer_from_config(conf.security_key)
         self.stats: collections.Counter[str] = collections.Counter()
         self._cond = threading.Condition()
         self._held: dict[int, Delivery] = {}
@@ -386,6 +389,12 @@ class Worker:
             )
             self._dead_letter(delivery, request, reason, DecodeError(reason))
             return None
+        if self.signer is not None:
+            try:
+                self.signer.verify(env)
+            except SerializationError as exc:
+                self._dead_letter(delivery, request, f"refused: {exc}", exc)
+                return None
         try:
             name, task_id, eta, expires = peek(env)
             if name is None:  # protocol v1: the task's fields are in the body
