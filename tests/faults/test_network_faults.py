@@ -1,0 +1,174 @@
+"""Connections cut, refused and slowed by a TCP proxy between the clients and the server:
+consumers resume after every cut, and a publish either succeeds or raises, never vanishes.
+
+The proxy (:class:`faultsupport.TcpProxy`, loopback only) sits between every client of the
+scenario (producer, worker, result backend) and the machine's server. While a producer
+thread publishes ``TOTAL`` tasks at a steady pace and a CLI worker (threads pool, 4 slots)
+runs them, the test:
+
+1. cuts every connection (TCP reset, both directions) ``CUTS`` times at random moments;
+2. adds ``LATENCY`` seconds to every chunk in both directions for ``LATENCY_PHASE`` s;
+3. refuses every new connection for ``REFUSE_PHASE`` s after one more cut (a short outage).
+
+Publishes are not retried: each returned OK or raised. Every publish that returned OK must be
+consumed (a SUCCESS result, read directly from the server, not through the proxy); those that
+raised are counted (they may or may not have reached the server: at-least-once allows
+either). After each cut the worker must start more tasks than it could have held from before
+(prefetch 16) within ``RESUME_LIMIT`` seconds, without being restarted.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from faultsupport import (
+    Markers,
+    TcpProxy,
+    WorkerProcs,
+    amqp_shared_lock,
+    cleanup_queue,
+    record_figures,
+    target,
+    worker_env,
+)
+
+from conveyor.core.errors import ConveyorError
+from conveyor.core.types import State
+from conveyor.runtime import App
+from conveyor.testing.support import eventually, unique_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+TOTAL = 900
+RATE = 60.0  # publishes per second: ~15 s of publishing spans every fault
+CUTS = 3
+LATENCY = 0.05
+LATENCY_PHASE = 3.0
+REFUSE_PHASE = 2.0
+RESUME_LIMIT = 30.0
+DEADLINE = 240.0
+HELD = 16  # the worker's prefetch limit (4 slots x multiplier 4)
+
+
+def _through(url: str, server_port: int, proxy_port: int) -> str:
+    """``url`` with its server port replaced by the proxy's."""
+    needle = f"127.0.0.1:{server_port}"
+    assert needle in url, f"fault tests expect loopback URLs: {url}"
+    return url.replace(needle, f"127.0.0.1:{proxy_port}")
+
+
+@pytest.mark.parametrize("name", ["redis", "postgres", "amqp"])
+def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_path: Path) -> None:
+    where = target(name, tmp_path)
+    server_port = where.ports[0]
+    rng = random.Random()
+    queue = unique_name(f"net-{name}")
+    markers = Markers(tmp_path / "markers")
+    with amqp_shared_lock(name), TcpProxy(server_port) as proxy:
+        broker = _through(where.broker, server_port, proxy.port)
+        # Results go through the proxy too where they live on the same server.
+        backend = (
+            _through(where.backend, server_port, proxy.port)
+            if f":{server_port}/" in where.backend
+            else where.backend
+        )
+        producer = App("net-producer", broker=broker, backend=backend)
+        reader = App("net-reader", broker=where.broker, backend=where.backend)  # direct
+        workers = WorkerProcs(worker_env(broker, backend, markers.folder), tmp_path)
+        ok: dict[int, str] = {}
+        raised: Counter[str] = Counter()
+        began = time.monotonic()
+        stop = threading.Event()
+
+        def produce() -> None:
+            for n in range(TOTAL):
+                if stop.is_set():
+                    return
+                pause = began + n / RATE - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # pacing
+                try:
+                    ok[n] = producer.send_task("faults.work", (n,), queue=queue).id
+                except ConveyorError as exc:  # raised: counted, never silently dropped
+                    raised[type(exc).__name__] += 1
+
+        thread = threading.Thread(target=produce, name="net-producer")
+        resumes: list[float] = []
+        try:
+            reader.broker.declare_queue(queue)
+            workers.start(pool="threads", concurrency=4, extra=("-Q", queue))
+            thread.start()
+            eventually(lambda: markers.counts(), 60, message="the worker runs tasks")
+
+            def resumed_after(at: float) -> None:
+                base = sum(markers.counts().values())
+                eventually(
+                    lambda: sum(markers.counts().values()) > base + HELD, RESUME_LIMIT,
+                    interval=0.05, message="the worker claims and runs tasks after the fault",
+                )  # fmt: skip
+                resumes.append(time.monotonic() - at)
+
+            for _ in range(CUTS):
+                time.sleep(rng.uniform(0.5, 1.5))  # a random moment to cut at
+                proxy.cut()
+                resumed_after(time.monotonic())
+            proxy.latency = LATENCY
+            time.sleep(LATENCY_PHASE)  # the latency phase itself
+            proxy.latency = 0.0
+            proxy.refuse = True
+            proxy.cut()
+            time.sleep(REFUSE_PHASE)  # the outage itself
+            proxy.refuse = False
+            resumed_after(time.monotonic())
+            thread.join(DEADLINE)
+            acknowledged = dict(ok)
+
+            def all_consumed() -> bool:
+                records = reader.backend.fetch_many(list(acknowledged.values()))
+                return len(records) == len(acknowledged) and all(
+                    r.state == State.SUCCESS for r in records.values()
+                )
+
+            eventually(
+                all_consumed, DEADLINE, interval=0.2, max_interval=1.0,
+                message="every acknowledged publish consumed",
+            )  # fmt: skip
+            elapsed = time.monotonic() - began
+            runs = markers.counts()
+            alive = workers.procs[0].poll() is None
+        finally:
+            stop.set()
+            thread.join(30.0)
+            workers.stop_all()
+            producer.close()
+            reader.close()
+            cleanup_queue(where.broker, queue)
+        cuts, connections = proxy.cuts, proxy.accepted
+    consumed = sum(1 for i in acknowledged.values() if runs[i])
+    duplicates = sum(runs.values()) - len(runs)
+    record_figures(
+        f"network/{name}",
+        kind="network",
+        broker=name,
+        tasks=TOTAL,
+        cuts=cuts,
+        connections=connections,
+        latency_ms=int(LATENCY * 1000),
+        refused_seconds=REFUSE_PHASE,
+        moved=len(acknowledged),
+        publish_raised=sum(raised.values()),
+        publish_errors=dict(raised),
+        lost=len(acknowledged) - consumed,
+        duplicated=duplicates,
+        resume_seconds=[round(r, 2) for r in resumes],
+        seconds=round(elapsed, 1),
+    )
+    assert alive, "the worker died instead of reconnecting"
+    assert consumed == len(acknowledged)
+    assert len(acknowledged) + sum(raised.values()) == TOTAL
+    assert cuts >= CUTS + 1
