@@ -4,6 +4,8 @@
 #   make test      every tox env (lint, type, unit, memory, sqla-*, redis, amqp, mongodb);
 #                  TOX_ENVS=unit,lint make test runs some
 #   make demo      run `conveyor demo` on the embedded default (SQLite in ./.conveyor)
+#   make bench     conveyor against Celery 5.7 on the same servers (docs/performance.md);
+#                  BENCH_ARGS="--quick --only redis,amqp" make bench runs less
 #   make lint      ruff check + ruff format --check, in .venv
 #   make type      mypy --strict, in .venv
 #   make services  install/start every server the tests can use (SERVICES="redis mongodb")
@@ -30,7 +32,13 @@ TOX_PARALLEL ?= auto
 # A hard stop well inside CI's 90 minutes, in case something hangs past pytest-timeout.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: test demo lint type services venv clean
+# Servers `make bench` measures; arguments for bench/run.py.
+BENCH_SERVICES := redis rabbitmq postgres mongodb
+BENCH_ARGS ?=
+# Hard stop for one bench run (a full run takes about 20 minutes on 2 cores).
+BENCH_TIMEOUT ?= 45m
+
+.PHONY: test demo bench lint type services venv clean
 
 venv: $(STAMP)
 
@@ -56,6 +64,12 @@ test: venv
 
 demo: venv
 	$(BIN)/conveyor demo
+
+bench: venv
+	@# -qq: pip's warnings about this machine's extra local indexes are noise.
+	$(BIN)/python -m pip install -qq --editable '.[dev,bench]'
+	scripts/services.sh ensure $(BENCH_SERVICES)
+	timeout --kill-after=60 $(BENCH_TIMEOUT) $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

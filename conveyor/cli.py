@@ -4,6 +4,7 @@
     conveyor -A tasks call tasks.add --args '[2, 18]'
     conveyor -A tasks result <task-id>
     conveyor check redis://localhost:6379/0
+    conveyor bench redis://127.0.0.1:6379/10
     conveyor demo
 
 URLs are always printed with passwords masked.
@@ -200,6 +201,51 @@ def check(url: str, kind: str, rounds: int) -> None:
     click.echo(f"  {'operation':<14} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for op, p50, p99, worst in rows:
         click.echo(f"  {op:<14} {p50:>9.3f} {p99:>9.3f} {worst:>9.3f}")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--backend", default=None, help="Result backend URL (default: derived from URL).")
+@click.option("-n", "--messages", type=int, default=10_000, show_default=True)
+@click.option("--roundtrips", type=int, default=1_000, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="At least 3.")
+@click.option("--quick", is_flag=True, help="2,000 messages, 200 round trips.")
+@click.option("--no-celery", is_flag=True, help="Measure conveyor alone.")
+def bench(
+    url: str,
+    backend: str | None,
+    messages: int,
+    roundtrips: int,
+    runs: int,
+    quick: bool,
+    no_celery: bool,
+) -> None:
+    """Measure conveyor (and Celery, when installed) on the broker at URL: enqueue, drain,
+    round trip, result store/fetch. Prints medians [min-max] and conveyor / Celery ratios."""
+    from conveyor.runtime.bench import Settings, default_pair, format_table, run_pair
+
+    celery = not no_celery
+    if celery:
+        try:
+            import celery as _celery  # noqa: F401
+        except ImportError:
+            click.echo("celery is not installed: measuring conveyor alone", err=True)
+            celery = False
+    settings = Settings(
+        messages=2_000 if quick else messages,
+        roundtrips=200 if quick else roundtrips,
+        records=500 if quick else 2_000,
+        runs=max(3, runs),
+        cap=20.0 if quick else 60.0,
+        celery=celery,
+        log=lambda text: click.echo(text, err=True),
+    )
+    pair = default_pair(url, backend)
+    try:
+        figures = run_pair(pair, settings)
+    except ConveyorError as exc:
+        raise click.ClickException(f"{mask_url(url)}: {exc}") from exc
+    click.echo(format_table(figures))
 
 
 @main.command()
