@@ -100,7 +100,7 @@ def unswept(mongodb_url: str, raw: Any) -> Iterator[MongoDBResultBackend]:  # no
     until this test's own writes deal with them (the server's TTL monitor never runs in
     between; SecantusDB's monitor may even delete a document rewritten a moment earlier,
     from an older snapshot)."""
-    names = {
+    names: dict[str, Any] = {
         "taskmeta_collection": unique_name("tasks"),
         "groupmeta_collection": unique_name("groups"),
         "counter_collection": unique_name("counters"),
@@ -236,7 +236,7 @@ def test_a_ready_record_without_date_done_gets_one_and_extended_cannot_clobber_f
 
 # ================================================================== options and failures
 def test_the_database_is_the_option_else_the_url_path_else_celery() -> None:
-    cases = [
+    cases: list[tuple[str, dict[str, Any], str]] = [
         ("mongodb://127.0.0.1:1/results", {}, "results"),
         ("mongodb://127.0.0.1:1/results?database=other", {}, "other"),
         ("mongodb://127.0.0.1:1", {}, "celery"),

@@ -128,11 +128,11 @@ def test_results_of_a_real_celery_worker_are_read_by_conveyor(
 ) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    @app.task(name="compat.memcached.add")
+    @app.task(name="compat.memcached.add")  # type: ignore[untyped-decorator]
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="compat.memcached.boom")
+    @app.task(name="compat.memcached.boom")  # type: ignore[untyped-decorator]
     def boom(text: str) -> None:
         raise LookupError(text)
 

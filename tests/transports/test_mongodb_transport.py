@@ -313,7 +313,7 @@ def test_receive_from_several_queues_prefers_priority_then_the_oldest_message(ma
     broker.publish(old, queue=second)
     broker.publish(new, queue=first)
     broker.publish(urgent, queue=second)
-    got = []
+    got: list[Any] = []
     while len(got) < 3:
         got += broker.receive([first, second], timeout=5)
     assert [d.envelope.id for d in got] == [urgent.id, old.id, new.id]
