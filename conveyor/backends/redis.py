@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -205,6 +206,12 @@ class RedisResultBackend(ResultBackendBase):
         self._prefix = celery_key_prefix(opts.global_keyprefix)
         self._store_script = client.register_script(_STORE_LUA)
         self._closed = False
+        # One pub/sub connection per waiting thread, kept between waits: redis-py's
+        # PubSub.close() drops its TCP connection, so a fresh one per wait cost a connect
+        # and handshake (several round trips) on every AsyncResult.get().
+        self._local = threading.local()
+        self._pubsubs: list[Any] = []
+        self._pubsub_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -365,31 +372,54 @@ class RedisResultBackend(ResultBackendBase):
         """
         deadline = monotonic() + max(0.0, timeout)
         key = self.task_key(task_id)
+        channel = key.encode("utf-8")
         recheck = self.options.wait_recheck_interval
-        pubsub: Any = self._run("wait for result", self._client.pubsub)
+        pubsub = self._thread_pubsub()
+        clean = False
         try:
             self._run("subscribe", lambda: pubsub.subscribe(key))
-            self._confirm(pubsub, deadline)
+            self._confirm(pubsub, deadline, channel)
             record = self.fetch(task_id)
             next_check = monotonic() + recheck
             while record is None or not record.ready:
                 now = monotonic()
                 if now >= deadline:
-                    return record
+                    break
                 if now >= next_check:
                     record = self.fetch(task_id) or record
                     next_check = now + recheck
                     continue
                 message = self._listen(pubsub, min(deadline, next_check) - now)
                 if message and message.get("type") == "message":
+                    if message.get("channel") != channel:
+                        continue  # a late message of an earlier wait on this connection
                     try:
                         record = self._decode(message["data"], task_id)
                     except DecodeError:
                         record = self.fetch(task_id)
+            self._run("unsubscribe", lambda: pubsub.unsubscribe(key))
+            clean = True
             return record
         finally:
-            with contextlib.suppress(Exception):
-                pubsub.close()
+            if not clean:  # an error mid-wait: never reuse a connection in an unknown state
+                self._drop_pubsub(pubsub)
+
+    def _thread_pubsub(self) -> Any:
+        """This thread's pub/sub (created on first use, reused by later waits)."""
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._run("wait for result", self._client.pubsub)
+            self._local.pubsub = pubsub
+            with self._pubsub_lock:
+                self._pubsubs.append(pubsub)
+        return pubsub
+
+    def _drop_pubsub(self, pubsub: Any) -> None:
+        self._local.pubsub = None
+        with self._pubsub_lock, contextlib.suppress(ValueError):
+            self._pubsubs.remove(pubsub)
+        with contextlib.suppress(Exception):
+            pubsub.close()
 
     def _listen(self, pubsub: Any, seconds: float) -> Any:
         return self._run(
@@ -397,15 +427,15 @@ class RedisResultBackend(ResultBackendBase):
             lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=seconds),
         )
 
-    def _confirm(self, pubsub: Any, deadline: float) -> None:
-        """Read until the server confirms the subscription (bounded by the deadline plus
-        the socket timeout)."""
+    def _confirm(self, pubsub: Any, deadline: float, channel: bytes) -> None:
+        """Read until the server confirms the subscription to ``channel`` (bounded by the
+        deadline plus the socket timeout); earlier waits' leftovers are skipped."""
         limit = max(deadline, monotonic() + (self.options.socket_timeout or 5.0))
         while monotonic() < limit:
             message = self._run(
                 "subscribe", lambda: pubsub.get_message(timeout=max(0.0, limit - monotonic()))
             )
-            if message and message.get("type") == "subscribe":
+            if message and message.get("type") == "subscribe" and message.get("channel") == channel:
                 return
         raise ConnectionLost(f"{self!r}: the server did not confirm the subscription")
 
@@ -485,6 +515,11 @@ class RedisResultBackend(ResultBackendBase):
         if self._closed:
             return
         self._closed = True
+        with self._pubsub_lock:
+            pubsubs, self._pubsubs = self._pubsubs, []
+        for pubsub in pubsubs:
+            with contextlib.suppress(Exception):
+                pubsub.close()
         if self._owns_client:
             with contextlib.suppress(rexc.RedisError, OSError):
                 self._client.close()

@@ -35,6 +35,7 @@ meant to race with encode/decode (register at start-up).
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -116,18 +117,39 @@ class Serializer:
 # ---------------------------------------------------------------------------- built-in codecs
 
 
-# kombu is untyped; name the two functions we use with their real signatures.
-_kombu_dumps = cast("Callable[[Any], str]", _kombu_json.dumps)
-_kombu_loads = cast("Callable[[bytes], Any]", _kombu_json.loads)
+# kombu's dumps/loads build a new encoder/decoder on every call (json.dumps(cls=...),
+# json.loads(object_hook=...)); for a small task message that was ~10% of publishing it.
+# These two are built once from kombu's own encoder class and object hook, so the bytes are
+# the same. Both are stateless between calls, hence safe to share between threads.
+_kombu_encoder = cast("json.JSONEncoder", _kombu_json.JSONEncoder())
+_kombu_decoder = json.JSONDecoder(
+    object_hook=cast("Callable[[dict[str, Any]], Any]", _kombu_json.object_hook)
+)
+
+
+def kombu_json_text(obj: Any) -> str:
+    """``kombu.utils.json.dumps(obj)``, byte for byte, without its per-call set-up."""
+    return _kombu_encoder.encode(obj)
+
+
+def kombu_json_load(data: bytes | bytearray | memoryview | str) -> Any:
+    """``kombu.utils.json.loads(data)`` (same values, same errors), without its set-up."""
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8")
+    elif isinstance(data, memoryview):
+        data = data.tobytes().decode("utf-8")
+    if data.startswith("\ufeff"):  # json.loads refuses a BOM; so must we
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    return _kombu_decoder.decode(data)
 
 
 def _json_dumps(obj: Any) -> bytes:
     # kombu's dumps returns text; kombu's producer encodes it as utf-8, so do we.
-    return _kombu_dumps(obj).encode("utf-8")
+    return _kombu_encoder.encode(obj).encode("utf-8")
 
 
 def _json_loads(data: bytes) -> Any:
-    return _kombu_loads(data)
+    return kombu_json_load(data)
 
 
 def _msgpack() -> Any:

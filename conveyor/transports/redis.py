@@ -123,7 +123,6 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 import redis
 import redis.exceptions as rexc
-from kombu.utils import json as kombu_json
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -139,6 +138,7 @@ from conveyor.core.errors import (
     OperationTimeout,
 )
 from conveyor.core.options import build_options
+from conveyor.core.serializers import kombu_json_load, kombu_json_text
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import ParsedURL, mask_url, parse_url, scheme_of, split_alternates
 
@@ -168,6 +168,7 @@ _MAX_MESSAGES = 1000
 _PUBLISH_CHUNK = 1000
 _SETTLED_MEMORY = 10_000
 _WAKE_TTL_MS = 60_000
+_WAKE_TTL_TEXT = str(_WAKE_TTL_MS)
 _KOMBU_MAX_PRIORITY = 9
 # Headers conveyor adds on redelivery; never part of the Envelope handed to a consumer.
 _REDELIVERED = "redelivered"
@@ -470,7 +471,7 @@ def connect(target: _Target, opts: RedisConnectionOptions, url: str) -> redis.Re
 
 # ============================================================================= scripts
 
-_SCRIPT_NAMES = ("publish", "claim", "extend", "settle", "purge")
+_SCRIPT_NAMES = ("publish", "push", "claim", "extend", "settle", "purge")
 
 
 def _script_text(name: str) -> str:
@@ -485,6 +486,7 @@ class _Scripts:
 
     def __init__(self, client: redis.Redis) -> None:
         self.publish = client.register_script(_script_text("publish"))
+        self.push = client.register_script(_script_text("push"))
         self.claim = client.register_script(_script_text("claim"))
         self.extend = client.register_script(_script_text("extend"))
         self.settle = client.register_script(_script_text("settle"))
@@ -493,8 +495,8 @@ class _Scripts:
 
 # ============================================================================ envelopes
 
-_kombu_dumps: Callable[[Any], str] = kombu_json.dumps
-_kombu_loads: Callable[[bytes], Any] = kombu_json.loads
+_kombu_dumps: Callable[[Any], str] = kombu_json_text
+_kombu_loads: Callable[[bytes], Any] = kombu_json_load
 
 
 def _derived_id(headers: Mapping[str, Any], correlation_id: str | None) -> str | None:
@@ -674,6 +676,7 @@ class RedisBroker(BrokerBase):
         opts = self.options
         self._keys = _Keys(opts.global_keyprefix, opts.sep, opts.priority_steps)
         self._steps_argv = [str(s) for s in opts.priority_steps]
+        self._ready_cache: dict[str, list[str]] = {}
         self._token = uuid.uuid4().hex[:12]
         self._calls = itertools.count(1)
         self._rotation = itertools.count()
@@ -776,7 +779,9 @@ class RedisBroker(BrokerBase):
             self._check_publish(envelope, delay)
         if not batch:
             return 0
-        delay_ms = math.ceil(delay * 1000) + 1 if delay else 0
+        if not delay:
+            return self._push(batch, queue)
+        delay_ms = math.ceil(delay * 1000) + 1
         k = self._keys
         keys = [k.own(queue, "delayed"), k.own(queue, "wake"), k.own(queue, "consumers")]
         keys += k.ready(queue)
@@ -800,6 +805,36 @@ class RedisBroker(BrokerBase):
 
     def _publish_chunk(self, keys: list[str], args: list[Any]) -> int:
         return int(self._run("publish", lambda: self._scripts.publish(keys=keys, args=args)))
+
+    def _push(self, batch: list[Envelope], queue: str) -> int:
+        """Ready-now publish (push.lua): only the ready lists that receive a message."""
+        ready = self._ready_keys(queue)
+        done = 0
+        for start in range(0, len(batch), _PUBLISH_CHUNK):
+            keys = [self._keys.own(queue, "wake")]
+            slots: dict[int, str] = {}  # bucket -> its KEYS index, as text
+            args: list[Any] = [_WAKE_TTL_TEXT]
+            for envelope in batch[start : start + _PUBLISH_CHUNK]:
+                bucket = self._bucket(envelope.priority)
+                slot = slots.get(bucket)
+                if slot is None:
+                    keys.append(ready[bucket - 1])
+                    slot = slots[bucket] = str(len(keys))
+                args.append(slot)
+                args.append(
+                    encode_envelope(envelope, queue, _KOMBU_MAX_PRIORITY - envelope.priority)
+                )
+            done += int(self._run("publish", lambda: self._scripts.push(keys=keys, args=args)))  # noqa: B023
+        return done
+
+    def _ready_keys(self, queue: str) -> list[str]:
+        """``_keys.ready(queue)``, remembered for the most recent queues."""
+        keys = self._ready_cache.get(queue)
+        if keys is None:
+            if len(self._ready_cache) >= 256:
+                self._ready_cache.clear()
+            keys = self._ready_cache[queue] = self._keys.ready(queue)
+        return keys
 
     # ------------------------------------------------------------------ receive
     def receive(
