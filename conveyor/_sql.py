@@ -84,7 +84,7 @@ def split_url(
     inner = rest if plus and head.lower() in prefixes else text
     try:
         sa_url = make_url(inner)
-    except sa_exc.ArgumentError as exc:
+    except (sa_exc.ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
         raise InvalidURL(f"{mask_url(url)!r} is not a SQLAlchemy URL: {exc}") from None
     ours: dict[str, str] = {}
     for key, value in sa_url.query.items():
@@ -350,7 +350,13 @@ def make_database(
         "future": True,
     }
     connect_args: dict[str, Any] = {}
-    driver = url.get_driver_name()
+    try:
+        driver = url.get_driver_name()  # loads the dialect
+    except sa_exc.NoSuchModuleError as exc:
+        raise ConfigurationError(
+            f"unknown SQL dialect in {mask_url(url_text)}: {exc} (e.g. sqlite, postgresql+psycopg, "
+            "mysql+pymysql)"
+        ) from None
     memory = backend == "sqlite" and _is_sqlite_memory(url)
     lock_wait: float | None = None
     if backend == "sqlite":
