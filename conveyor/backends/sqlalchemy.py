@@ -835,8 +835,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             def work(conn: Connection) -> tuple[int, int]:
                 pick = (
                     sa.select(table.c.id)
-                    .where(expired)
-                    .order_by(table.c.id)
+                    .where(expired)  # no ORDER BY: walk the expiry index, not the PK
                     .limit(batch)
                     .with_for_update(skip_locked=True)
                 )

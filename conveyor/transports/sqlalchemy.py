@@ -60,6 +60,7 @@ How it works (``docs/backends/sql.md`` has the full table layout):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -150,6 +151,10 @@ class SQLAlchemyBrokerOptions:
             times the throughput on a disk with slow fsync). A PostgreSQL crash may then
             forget the last fraction of a second of them, which can only cause a
             redelivery: at-least-once holds. Publishes always commit synchronously.
+        notify: on PostgreSQL with psycopg 3, a publish sends ``NOTIFY`` and a waiting
+            ``receive`` listens (one extra connection per broker), so an idle consumer
+            wakes at once instead of at its next poll. Polling continues regardless (it is
+            what finds due delayed messages and expired leases).
     """
 
     lease_seconds: float = 60.0
@@ -169,6 +174,7 @@ class SQLAlchemyBrokerOptions:
     sqlite_synchronous: str = "NORMAL"
     echo: bool = False
     async_settle: bool = True
+    notify: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lease_seconds", "poll_interval", "max_poll_interval"):
@@ -278,7 +284,24 @@ class _Claim:
 
     promote: Any  # PG/SQLite: UPDATE ... WHERE id IN (due); MariaDB: SELECT due ids
     claim: Any  # PG/SQLite: UPDATE ... RETURNING; MariaDB: SELECT ... FOR UPDATE SKIP LOCKED
+    probe: Any  # SELECT 1 ... LIMIT 1: is anything deliverable or due? (read-only)
 
+
+# Columns a publish fills from the envelope (the times come from the clock expression).
+_INSERTED = (
+    "queue",
+    "priority",
+    "delayed",
+    "lease_expires",
+    "delivery_count",
+    "envelope_id",
+    "body",
+    "content_type",
+    "content_encoding",
+    "headers",
+    "correlation_id",
+    "reply_to",
+)
 
 _COLUMNS = (
     "id",
@@ -359,6 +382,10 @@ class SQLAlchemyBroker(BrokerBase):
         self._claims: OrderedDict[tuple[str, ...], _Claim] = OrderedDict()
         self._schema_ready = False
         self._closed = False
+        self._channel = f"conveyor_{self.options.table_name}"[:63]
+        self._listener: _Listener | None = None
+        if self.options.notify and self._db.dialect == "postgresql":
+            self._listener = _Listener(self._db, self._channel)
         self._build_statements()
 
     # ------------------------------------------------------------------ construction
@@ -467,6 +494,25 @@ class SQLAlchemyBroker(BrokerBase):
             .where(t.c.id.in_(sa.bindparam("ids", expanding=True)))
             .values(**self._sql_stamp)
         )
+        self._sql_notify = sa.select(
+            sa.func.pg_notify(sa.bindparam("channel"), sa.bindparam("payload"))
+        )
+        # PostgreSQL: INSERT and NOTIFY in one statement, so a single publish stays one
+        # round trip (NOTIFY is delivered at commit, never before the row is visible).
+        columns: dict[str, Any] = {c: sa.bindparam(c, type_=t.c[c].type) for c in _INSERTED}
+        inserted = (
+            sa.insert(t)
+            .values(
+                **columns,
+                not_before=now + sa.bindparam("delay_", type_=sa.Double()),
+                published_at=now,
+            )
+            .returning(t.c.id)
+            .cte("inserted")
+        )
+        self._sql_insert_notify = sa.select(
+            sa.func.pg_notify(sa.bindparam("channel"), sa.bindparam("payload"))
+        ).select_from(inserted)
         self._sql_promote_ids = (
             sa.update(t)
             .where(t.c.id.in_(sa.bindparam("ids", expanding=True)))
@@ -518,7 +564,12 @@ class SQLAlchemyBroker(BrokerBase):
         else:  # another dialect without UPDATE ... RETURNING: the MariaDB way
             claim = ready.with_only_columns(*columns)
             promote = due
-        built = _Claim(promote=promote, claim=claim)
+        anything = sa.or_(
+            sa.and_(sa.not_(t.c.delayed), t.c.lease_expires <= now),
+            sa.and_(t.c.delayed, t.c.not_before <= now),
+        )
+        probe = sa.select(t.c.id).where(in_queues, anything).limit(1)
+        built = _Claim(promote=promote, claim=claim, probe=probe)
         with self._lock:
             self._claims[names] = built
             while len(self._claims) > 64:
@@ -570,7 +621,14 @@ class SQLAlchemyBroker(BrokerBase):
                 now = time.time()
                 for row in rows:
                     row["now_"] = now
-            conn.execute(self._sql_insert, rows)
+            if self._listener is None or seconds > 0:
+                conn.execute(self._sql_insert, rows)
+            elif len(rows) == 1:
+                note = {"channel": self._channel, "payload": queue}
+                conn.execute(self._sql_insert_notify, {**rows[0], **note})
+            else:
+                conn.execute(self._sql_insert, rows)
+                conn.execute(self._sql_notify, {"channel": self._channel, "payload": queue})
 
         self._db.transaction(work, what=f"publish to {queue!r}")
 
@@ -639,15 +697,41 @@ class SQLAlchemyBroker(BrokerBase):
         deadline = time.monotonic() + timeout
         pause = self.options.poll_interval
         while True:
-            deliveries = self._claim(names, statements, limit)
-            if deliveries:
-                return deliveries
+            if not self._nothing_ready(names, statements):
+                deliveries = self._claim(names, statements, limit)
+                if deliveries:
+                    return deliveries
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            time.sleep(min(pause, remaining))
-            pause = min(pause * 2, self.options.max_poll_interval)
+            wait = min(pause, remaining)
+            # Only a consumer that has backed off completely (idle for about half a second)
+            # waits on LISTEN: waking every consumer on every publish of a busy queue would
+            # turn batch claims into a herd of one-message claims.
+            if self._listener is not None and pause >= self.options.max_poll_interval:
+                if self._listener.wait(names, wait):
+                    pause = self.options.poll_interval  # woken by a publish: claim at once
+            else:
+                time.sleep(wait)
+                pause = min(pause * 2, self.options.max_poll_interval)
             self._check_open()
+
+    def _nothing_ready(self, names: tuple[str, ...], statements: _Claim) -> bool:
+        """SQLite only: a read (WAL readers take no lock) telling a poll it can skip the claim
+        transaction, which would take the database's one write lock for nothing. Idle
+        consumers then never queue up behind producers for the write lock."""
+        if self._db.dialect != "sqlite" or self._promotion_pending(names):
+            return False
+
+        def work(conn: Connection) -> bool:
+            return conn.execute(statements.probe, self._params()).first() is None
+
+        return self._db.transaction(work, what="poll", readonly=True)
+
+    def _promotion_pending(self, names: Sequence[str]) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            return any(now >= self._promote_at.get(q, 0.0) for q in names)
 
     def _promotion_due(self, names: Sequence[str]) -> bool:
         now = time.monotonic()
@@ -842,7 +926,8 @@ class SQLAlchemyBroker(BrokerBase):
         pick = (
             sa.select(t.c.id)
             .where(t.c.queue == queue, unheld)
-            .order_by(t.c.id)
+            # No ORDER BY: ordering by id would let MariaDB walk the primary key, briefly
+            # locking other queues' rows, which their SKIP LOCKED claims would then skip.
             .limit(_PURGE_BATCH)
             .with_for_update(skip_locked=True)
         )
@@ -906,6 +991,8 @@ class SQLAlchemyBroker(BrokerBase):
                 exc_info=True,
             )
         finally:
+            if self._listener is not None:
+                self._listener.close()
             self._db.dispose()
 
     def _release(self, held: dict[int, str]) -> None:
@@ -927,6 +1014,71 @@ class SQLAlchemyBroker(BrokerBase):
                 conn.execute(release, {"ids": chunk})
 
             self._db.transaction(work, what="release leases", relaxed=self.options.async_settle)
+
+
+class _Listener:
+    """PostgreSQL ``LISTEN`` on one dedicated psycopg 3 connection, for waking ``receive``.
+
+    One thread waits on it at a time; other threads of the broker poll as before. Any
+    failure (server gone, another driver than psycopg 3) turns it off for good: polling alone
+    is always correct, notifications only make it faster.
+    """
+
+    def __init__(self, db: Database, channel: str) -> None:
+        self._db = db
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._broken = False
+
+    def _connect(self) -> Any:
+        if self._conn is None:
+            raw = self._db.engine.raw_connection()
+            conn: Any = raw.driver_connection
+            raw.detach()  # ours alone, never returned to the pool; closed by _drop
+            self._conn = conn
+            if not hasattr(conn, "notifies") or not type(conn).__module__.startswith("psycopg"):
+                raise TypeError("LISTEN wake-ups need psycopg 3")
+            conn.autocommit = True
+            conn.execute(f'LISTEN "{self._channel}"')
+        return self._conn
+
+    def wait(self, names: Sequence[str], timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as a publish to one of ``names``
+        is notified (also for one that happened since the last wait)."""
+        if self._broken or not self._lock.acquire(blocking=False):
+            time.sleep(timeout)
+            return False
+        start = time.monotonic()
+        try:
+            conn = self._connect()
+            for note in conn.notifies(timeout=timeout):
+                if note.payload in names:
+                    return True
+                if time.monotonic() - start >= timeout:
+                    break
+            return False
+        except Exception:
+            log.warning(
+                "LISTEN wake-ups disabled for %r; polling only", self._channel, exc_info=True
+            )
+            self._broken = True
+            self._drop()
+            time.sleep(max(0.0, timeout - (time.monotonic() - start)))
+            return False
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._broken = True
+            self._drop()
 
 
 def _check_queue(name: str) -> None:

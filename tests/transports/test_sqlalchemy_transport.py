@@ -446,3 +446,57 @@ def test_delayed_rows_are_promoted_only_when_due(
     [got] = broker.receive(queue, timeout=5)
     assert got.envelope.body == b"later"
     broker.ack(got)
+
+
+# ====================================================================== waking consumers
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "polling-only"])
+def test_a_publish_wakes_an_idle_postgres_consumer_at_once(notify: bool, tmp_path: Path) -> None:
+    if "postgres" not in selected():
+        pytest.skip("PostgreSQL not selected")
+    target = make_target("postgres", tmp_path)
+    url = f"sqla+{target.url}"
+    # Polling alone would look again only after 2 s.
+    consumer = SQLAlchemyBroker.from_url(
+        url, poll_interval=2.0, max_poll_interval=2.0, notify=notify
+    )
+    producer = SQLAlchemyBroker.from_url(url)
+    queue = unique_name("wake")
+    try:
+        producer.declare_queue(queue)
+        timer = threading.Timer(0.5, producer.publish, (_env(b"wake up"),), {"queue": queue})
+        start = time.monotonic()
+        timer.start()
+        got = consumer.receive(queue, timeout=10)
+        elapsed = time.monotonic() - start
+        timer.join()
+        assert [d.envelope.body for d in got] == [b"wake up"]
+        if notify:
+            assert elapsed < 1.5, f"LISTEN/NOTIFY did not wake the consumer ({elapsed:.2f} s)"
+        else:
+            assert elapsed >= 1.9, f"woken after {elapsed:.2f} s without notifications"
+        consumer.ack(got[0])
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_idle_sqlite_polls_do_not_wait_for_the_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "idle.db"
+    broker = SQLAlchemyBroker.from_url(f"sqla+sqlite:///{path}", promote_interval=30.0)
+    try:
+        queue = unique_name("idle")
+        assert broker.receive(queue, timeout=0) == []  # claims once: promotion done too
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # a writer holding the lock for 2 s
+        releaser = threading.Timer(2.0, other.execute, ("COMMIT",))
+        releaser.start()
+        try:
+            start = time.monotonic()
+            assert broker.receive(queue, timeout=0.5) == []
+            # Idle polls only read (WAL readers never wait for the writer): back on time.
+            assert time.monotonic() - start < 1.5
+        finally:
+            releaser.join()
+            other.close()
+    finally:
+        broker.close()
