@@ -27,7 +27,9 @@ Options (keyword > URL query > default; :class:`SQLAlchemyBrokerOptions`):
     ``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle`` (3600),
     ``connect_timeout`` (10), ``operation_timeout`` (30, sent to the server as
     ``statement_timeout``/``lock_timeout`` on PostgreSQL, read/write timeouts on PyMySQL, the
-    busy timeout on SQLite), ``sqlite_synchronous`` (``NORMAL``), ``echo``.
+    write-lock wait on SQLite), ``sqlite_synchronous`` (``NORMAL``), ``echo``;
+    ``async_settle`` (True: PostgreSQL settles without waiting for the WAL flush) and
+    ``notify`` (True: PostgreSQL LISTEN/NOTIFY wake-ups).
 
 Thread-safety:
     One instance may be shared by the threads of one process: the engine's pool gives each
@@ -51,11 +53,14 @@ How it works (``docs/backends/sql.md`` has the full table layout):
 * Delayed rows carry ``delayed = true`` and are kept out of the claim index; every
   ``promote_interval`` a receiving broker flips the due ones to ready (``SKIP LOCKED``,
   at most 1000 per step). Thousands of future messages therefore never slow a claim down.
-* Deadlocks (MariaDB 1213, lock wait 1205), serialization failures (PostgreSQL 40001/40P01)
-  and SQLite "database is locked" roll back and rerun the whole transaction, at most
-  ``max_retries`` times with jittered backoff; nothing is half-applied, nothing is lost.
-* ``receive`` polls with capped backoff (5 ms doubling to 200 ms) on every dialect; there is
-  no LISTEN/NOTIFY wake-up yet.
+* Deadlocks (MariaDB 1213, lock wait 1205) and serialization failures (PostgreSQL
+  40001/40P01) roll back and rerun the whole transaction, at most ``max_retries`` times with
+  jittered backoff; SQLite "database is locked" is waited out with millisecond pauses up to
+  ``operation_timeout``. Nothing is half-applied, nothing is lost.
+* ``receive`` polls with capped backoff (5 ms doubling to 200 ms). On PostgreSQL (psycopg 3)
+  a publish also sends ``NOTIFY`` in the same statement, and a consumer that has backed off
+  completely waits on ``LISTEN``, so it wakes at once. On SQLite each poll reads first and
+  takes the write lock only when something is ready.
 """
 
 from __future__ import annotations
