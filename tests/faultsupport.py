@@ -403,7 +403,7 @@ def worker_env(broker: str, backend: str, markers: Path, **extra: str) -> dict[s
         FAULT_BACKEND=backend,
         FAULT_MARKERS=str(markers),
         PYTHONPATH=os.pathsep.join(
-            [str(FAULTS_DIR), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [str(FAULTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),
         PYTHONUNBUFFERED="1",
     )

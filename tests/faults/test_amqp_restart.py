@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import pytest
 from amqpsupport import amqp_error, rabbitmqctl, require_amqp, server_lock
+from faultsupport import record_figures
 
 from conveyor.core.errors import ConveyorError, OperationalError
 from conveyor.runtime import App
@@ -168,6 +169,20 @@ def test_a_rabbitmq_restart_mid_run_loses_no_task_and_the_worker_resumes() -> No
         f"worker stats {dict(worker.stats)}; total {elapsed:.1f}s"
         if resume_after is not None
         else f"\nworker never resumed: {unique} of {TOTAL} completed"
+    )
+    record_figures(
+        "restart/amqp",
+        kind="restart",
+        broker="amqp",
+        tasks=TOTAL,
+        restarts=1,
+        moved=TOTAL,
+        lost=TOTAL - unique,
+        duplicated=executions - unique,
+        publish_retries=sum(retries.values()),
+        outage_seconds=[round(back - cut, 1)],
+        resume_seconds=[None if resume_after is None else round(resume_after, 2)],
+        seconds=round(elapsed, 1),
     )
     assert unique == TOTAL, f"{TOTAL - unique} tasks lost"
     assert resume_after is not None
