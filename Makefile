@@ -1,7 +1,7 @@
 # conveyor's entry points. `make test` works on a fresh clone as root: it creates .venv,
 # installs and starts the servers the tox envs need, and runs every tox env in parallel.
 #
-#   make test      every tox env (lint, type, unit, memory, sqla-*, redis, amqp, mongodb);
+#   make test      every tox env (faults, lint, type, unit, memory, sqla-*, redis, amqp, mongodb, ...);
 #                  TOX_ENVS=unit,lint make test runs some
 #   make demo      run `conveyor demo` on the embedded default (SQLite in ./.conveyor)
 #   make bench     conveyor against Celery 5.7 on the same servers (docs/performance.md);
