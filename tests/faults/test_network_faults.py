@@ -84,6 +84,7 @@ def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_p
         raised: Counter[str] = Counter()
         began = time.monotonic()
         stop = threading.Event()
+        phase = ["before"]  # which fault is on, for the publish errors' breakdown
 
         def produce() -> None:
             for n in range(TOTAL):
@@ -95,7 +96,7 @@ def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_p
                 try:
                     ok[n] = producer.send_task("faults.work", (n,), queue=queue).id
                 except ConveyorError as exc:  # raised: counted, never silently dropped
-                    raised[type(exc).__name__] += 1
+                    raised[f"{phase[0]}: {type(exc).__name__}"] += 1
 
         thread = threading.Thread(target=produce, name="net-producer")
         resumes: list[float] = []
@@ -115,16 +116,22 @@ def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_p
 
             for _ in range(CUTS):
                 time.sleep(rng.uniform(0.5, 1.5))  # a random moment to cut at
+                phase[0] = "cut"
                 proxy.cut()
                 resumed_after(time.monotonic())
+                phase[0] = "after cut"
+            phase[0] = "latency"
             proxy.latency = LATENCY
             time.sleep(LATENCY_PHASE)  # the latency phase itself
             proxy.latency = 0.0
+            phase[0] = "refused"
             proxy.refuse = True
             proxy.cut()
             time.sleep(REFUSE_PHASE)  # the outage itself
             proxy.refuse = False
+            phase[0] = "after refusal"
             resumed_after(time.monotonic())
+            phase[0] = "after all faults"
             thread.join(DEADLINE)
             acknowledged = dict(ok)
 
