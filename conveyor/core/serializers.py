@@ -13,9 +13,12 @@ pickle     ``application/x-python-       ``binary``          registered so it ca
            serialize``                                       never accepted unless named
 =========  ============================  ==================  =================================
 
-JSON goes through :mod:`kombu.utils.json` so the bytes are exactly what kombu produces,
-including its ``{"__type__": ..., "__value__": ...}`` wrappers for ``datetime``, ``date``,
-``time``, ``Decimal``, ``UUID`` and ``bytes`` (kombu >= 5.3). Payloads from kombu < 5.3, which
+JSON produces exactly the bytes of :mod:`kombu.utils.json` (kombu >= 5.3), including its
+``{"__type__": ..., "__value__": ...}`` wrappers for ``datetime``, ``date``, ``time``,
+``Decimal``, ``UUID`` and ``bytes``; ``tests/unit/test_serializers.py`` compares the two. The
+codec is written out here rather than imported: ``import kombu.utils.json`` pulls in kombu's
+package, py-amqp and ``importlib.metadata``, 13 MiB of a worker's resident memory. Types
+registered with kombu's ``register_type`` are not seen here. Payloads from kombu < 5.3, which
 wrote those values as plain strings, decode fine: the strings simply stay strings.
 
 Accept lists: :meth:`SerializerRegistry.decode` refuses any content type not in ``accept``
@@ -35,14 +38,16 @@ meant to race with encode/decode (register at start-up).
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, cast
-
-from kombu.utils import json as _kombu_json
+from typing import Any
 
 from conveyor.core.errors import (
     ConfigurationError,
@@ -117,14 +122,61 @@ class Serializer:
 # ---------------------------------------------------------------------------- built-in codecs
 
 
+def _wrapped(kind: str, value: Any) -> dict[str, Any]:
+    return {"__type__": kind, "__value__": value}
+
+
+class _KombuJSONEncoder(json.JSONEncoder):
+    """kombu's ``JSONEncoder``: ``__json__`` reducers, then its default wrappers, in its order
+    (``datetime`` before ``date``, of which it is a subclass)."""
+
+    def default(self, o: Any) -> Any:
+        reducer = getattr(o, "__json__", None)
+        if reducer is not None:
+            return reducer()
+        if isinstance(o, datetime):
+            return _wrapped("datetime", o.isoformat())
+        if isinstance(o, date):
+            return _wrapped("date", o.isoformat())
+        if isinstance(o, time):
+            return _wrapped("time", o.isoformat())
+        if isinstance(o, Decimal):
+            return _wrapped("decimal", str(o))
+        if isinstance(o, uuid.UUID):
+            return _wrapped("uuid", {"hex": o.hex})
+        if isinstance(o, bytes):
+            try:
+                return _wrapped("bytes", o.decode("utf-8"))
+            except UnicodeDecodeError:
+                return _wrapped("base64", base64.b64encode(o).decode("utf-8"))
+        return super().default(o)
+
+
+_KOMBU_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "bytes": lambda v: v.encode("utf-8"),
+    "base64": lambda v: base64.b64decode(v.encode("utf-8")),
+    "datetime": datetime.fromisoformat,
+    "date": lambda v: datetime.fromisoformat(v).date(),
+    "time": time.fromisoformat,
+    "decimal": Decimal,
+    "uuid": lambda v: uuid.UUID(**v),
+}
+
+
+def _kombu_object_hook(obj: dict[str, Any]) -> Any:
+    if obj.keys() == {"__type__", "__value__"}:
+        decoder = _KOMBU_DECODERS.get(obj["__type__"])
+        if decoder is None:
+            raise ValueError("Unsupported type", obj["__type__"], obj)
+        return decoder(obj["__value__"])
+    return obj
+
+
 # kombu's dumps/loads build a new encoder/decoder on every call (json.dumps(cls=...),
 # json.loads(object_hook=...)); for a small task message that was ~10% of publishing it.
-# These two are built once from kombu's own encoder class and object hook, so the bytes are
-# the same. Both are stateless between calls, hence safe to share between threads.
-_kombu_encoder = cast("json.JSONEncoder", _kombu_json.JSONEncoder())
-_kombu_decoder = json.JSONDecoder(
-    object_hook=cast("Callable[[dict[str, Any]], Any]", _kombu_json.object_hook)
-)
+# These two are built once. Both are stateless between calls: safe to share between threads.
+_kombu_encoder = _KombuJSONEncoder()
+_kombu_decoder = json.JSONDecoder(object_hook=_kombu_object_hook)
 
 
 def kombu_json_text(obj: Any) -> str:
