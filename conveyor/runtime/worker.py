@@ -311,9 +311,12 @@ class Worker:
                 try:
                     broker.extend(delivery, self.lease_seconds)
                 except InvalidReceipt:
-                    log.warning(
-                        "lease lost for %s; it will be delivered again", delivery.envelope.id
-                    )
+                    with self._cond:  # settled since the snapshot: not a lost lease
+                        still_held = self._held.get(id(delivery)) is delivery
+                    if still_held:
+                        log.warning(
+                            "lease lost for %s; it will be delivered again", delivery.envelope.id
+                        )
                 except OperationalError as exc:
                     log.warning("lease extension failed (%s); will retry", exc)
                     break
