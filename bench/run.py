@@ -146,7 +146,7 @@ def _wait_ready(app: Any, queue: str, lib: str, timeout: float = 60.0) -> None:
         result.get(timeout=timeout)
 
 
-def measure_rss(settings: Settings, delayed: int) -> list[Figure]:
+def measure_rss(settings: Settings, delayed: int, include_amqp: bool) -> list[Figure]:
     """Idle RSS of solo and prefork (-c 2, children included) workers, and solo RSS after
     ``delayed`` tasks with a one-hour countdown are queued for the worker."""
     from conveyor.runtime.bench import _make_celery_app, _make_conveyor_app
@@ -172,6 +172,7 @@ def measure_rss(settings: Settings, delayed: int) -> list[Figure]:
             "%",
             higher_is_better=False,
         ),
+        "amqp": Figure("worker RSS idle (solo)", "amqp", "MiB", higher_is_better=False),
     }
     for run in range(settings.runs):
         log(f"  [memory] run {run + 1}/{settings.runs}")
@@ -235,7 +236,32 @@ def measure_rss(settings: Settings, delayed: int) -> list[Figure]:
             finally:
                 filler.close()
                 app.close()
-    return list(rows.values())
+            if include_amqp:
+                amqp_idle = _idle_rss(lib, AMQP, REDIS_RESULTS)
+                getattr(rows["amqp"], lib).append(amqp_idle)
+                log(f"    {lib} solo idle on RabbitMQ: {amqp_idle:.1f} MiB")
+    return [f for f in rows.values() if f.conveyor or f.celery]
+
+
+def _idle_rss(lib: str, broker: str, backend: str) -> float:
+    from conveyor.runtime.bench import _make_celery_app, _make_conveyor_app
+
+    app = (
+        _make_conveyor_app(broker, backend)
+        if lib == "conveyor"
+        else _make_celery_app(broker, backend)
+    )
+    queue = f"bench.{lib}.rss.{uuid.uuid4().hex[:8]}"
+    proc = start_worker(lib, queue, broker, backend, results=True)
+    try:
+        _wait_ready(app, queue, lib)
+        time.sleep(2.0)
+        return rss_kib(proc.pid) / 1024
+    finally:
+        stop_process(proc, timeout=30.0)
+        if lib == "conveyor":
+            app.broker.delete_queue(queue)
+        app.close()
 
 
 # ============================================================================ raw limits
@@ -448,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(runs=max(3, args.runs), log=log)
     delayed = 100_000
     if args.quick:
-        settings = Settings(messages=2_000, roundtrips=200, records=500, runs=3, cap=20.0, log=log)
+        settings = Settings(messages=2_000, roundtrips=200, records=500, runs=3, cap=15.0, log=log)
         delayed = 20_000
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = RESULTS / "work"
@@ -473,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         if "redis" in only and not args.no_memory:
             t0 = time.monotonic()
             log("== worker memory")
-            figures += measure_rss(settings, delayed)
+            figures += measure_rss(settings, delayed, "amqp" in only)
             log(f"== worker memory took {time.monotonic() - t0:.0f}s")
         if "redis" in only and "amqp" in only and not args.no_raw:
             t0 = time.monotonic()

@@ -696,59 +696,64 @@ def run_pair(pair: Pair, settings: Settings) -> list[Figure]:
     for run in range(s.runs):
         log(f"  [{pair.name}] run {run + 1}/{s.runs}")
         for cls in _libs(s):
-            lib = cls.lib
-            broker, backend = urls(lib)
+            try:
+                lib = cls.lib
+                broker, backend = urls(lib)
 
-            def fig_of(f: Figure, lib: str = lib) -> list[float]:
-                return f.conveyor if lib == "conveyor" else f.celery
+                def fig_of(f: Figure, lib: str = lib) -> list[float]:
+                    return f.conveyor if lib == "conveyor" else f.celery
 
-            # Celery enqueues with no result backend: its fastest path (a Redis result
-            # backend would SUBSCRIBE once per sent task).
-            with _side(cls, broker, backend if lib == "conveyor" else "", s.celery_poll) as side:
-                rate = _enqueue(side, s.messages, s.cap)
-                fig_of(row("enqueue delay() x1", "msg/s", note=slow)).append(rate)
-                log(f"    {lib} enqueue: {rate:,.0f}/s")
-                if pair.threads:
-                    rate = _enqueue(side, s.messages, s.cap, threads=8)
-                    fig_of(row("enqueue delay() x8 threads", "msg/s")).append(rate)
-                    log(f"    {lib} enqueue x8: {rate:,.0f}/s")
-                if isinstance(side, _Conveyor):
-                    rate = _send_many(side, s.messages)
-                    row("enqueue send_many (batch)", "msg/s", note="conveyor only").conveyor.append(
-                        rate
-                    )
-                    log(f"    {lib} send_many: {rate:,.0f}/s")
-            with _side(cls, broker, drain_backend(lib), s.celery_poll) as side:
-                for metric, results, procs in (
-                    ("drain solo, no results", False, 1),
-                    ("drain solo, results", True, 1),
-                    ("drain 2 solo processes, results", True, 2),
-                ):
-                    rate = _drain(
-                        side,
-                        broker,
-                        drain_backend(lib),
-                        s.messages,
-                        s,
-                        results=results,
-                        processes=procs,
-                    )
-                    note = slow
-                    if results and pair.drain_backend:
-                        note = f"results in {pair.drain_backend.split(':')[0]}"
-                    fig_of(row(metric, "msg/s", note=note)).append(rate)
-                    log(f"    {lib} {metric}: {rate:,.0f}/s")
-            with _side(cls, broker, backend, s.celery_poll) as side:
-                p50, p99 = _roundtrip(side, s, s.roundtrips)
-                back = backend.split(":")[0]
-                fig_of(row("round trip p50", "ms", False, f"-> {back}{slow}")).append(p50)
-                fig_of(row("round trip p99", "ms", False, f"-> {back}{slow}")).append(p99)
-                log(f"    {lib} round trip: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-                if not backend.startswith("rpc"):
-                    store, fetch = _store_fetch(side, s.records, s.cap / 2)
-                    fig_of(row("result store", "ops/s", note=slow)).append(store)
-                    fig_of(row("result fetch", "ops/s", note=slow)).append(fetch)
-                    log(f"    {lib} store {store:,.0f}/s, fetch {fetch:,.0f}/s")
+                # Celery enqueues with no result backend: its fastest path (a Redis result
+                # backend would SUBSCRIBE once per sent task).
+                with _side(
+                    cls, broker, backend if lib == "conveyor" else "", s.celery_poll
+                ) as side:
+                    rate = _enqueue(side, s.messages, s.cap)
+                    fig_of(row("enqueue delay() x1", "msg/s", note=slow)).append(rate)
+                    log(f"    {lib} enqueue: {rate:,.0f}/s")
+                    if pair.threads:
+                        rate = _enqueue(side, s.messages, s.cap, threads=8)
+                        fig_of(row("enqueue delay() x8 threads", "msg/s")).append(rate)
+                        log(f"    {lib} enqueue x8: {rate:,.0f}/s")
+                    if isinstance(side, _Conveyor):
+                        rate = _send_many(side, s.messages)
+                        row(
+                            "enqueue send_many (batch)", "msg/s", note="conveyor only"
+                        ).conveyor.append(rate)
+                        log(f"    {lib} send_many: {rate:,.0f}/s")
+                with _side(cls, broker, drain_backend(lib), s.celery_poll) as side:
+                    for metric, results, procs in (
+                        ("drain solo, no results", False, 1),
+                        ("drain solo, results", True, 1),
+                        ("drain 2 solo processes, results", True, 2),
+                    ):
+                        rate = _drain(
+                            side,
+                            broker,
+                            drain_backend(lib),
+                            s.messages,
+                            s,
+                            results=results,
+                            processes=procs,
+                        )
+                        note = slow
+                        if results and pair.drain_backend:
+                            note = f"results in {pair.drain_backend.split(':')[0]}"
+                        fig_of(row(metric, "msg/s", note=note)).append(rate)
+                        log(f"    {lib} {metric}: {rate:,.0f}/s")
+                with _side(cls, broker, backend, s.celery_poll) as side:
+                    p50, p99 = _roundtrip(side, s, s.roundtrips)
+                    back = backend.split(":")[0]
+                    fig_of(row("round trip p50", "ms", False, f"-> {back}{slow}")).append(p50)
+                    fig_of(row("round trip p99", "ms", False, f"-> {back}{slow}")).append(p99)
+                    log(f"    {lib} round trip: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+                    if not backend.startswith("rpc"):
+                        store, fetch = _store_fetch(side, s.records, s.cap / 2)
+                        fig_of(row("result store", "ops/s", note=slow)).append(store)
+                        fig_of(row("result fetch", "ops/s", note=slow)).append(fetch)
+                        log(f"    {lib} store {store:,.0f}/s, fetch {fetch:,.0f}/s")
+            except Exception as exc:  # one failing library or server must not end the run
+                log(f"    {cls.lib}: FAILED {type(exc).__name__}: {exc}")
     return list(rows.values())
 
 
