@@ -289,9 +289,11 @@ class MongoDBResultBackend(ResultBackendBase):
             raise ConnectionLost(f"{self!r} is closed")
 
     def create_indexes(self) -> None:
-        """Create the ``date_done`` and TTL indexes if missing. Idempotent and race-safe."""
+        """Create the ``date_done`` and TTL indexes if missing (also with
+        ``create_indexes=False``, which only stops doing it on first use). Idempotent and
+        race-safe."""
         with self._driver("create indexes"):
-            pass
+            self._create_indexes()
 
     def _create_indexes(self) -> None:
         ttl = IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0)

@@ -298,3 +298,14 @@ def test_after_close_every_operation_raises_connection_lost(
     ):
         with pytest.raises(ConnectionLost):
             call()
+
+
+def test_create_indexes_false_leaves_indexes_to_an_explicit_call(
+    unswept: MongoDBResultBackend, raw: Any
+) -> None:
+    tasks = unswept.options.taskmeta_collection
+    unswept.store(_ok(unique_name("t")))
+    assert set(raw[tasks].index_information()) == {"_id_"}
+    unswept.create_indexes()
+    info = raw[tasks].index_information().values()
+    assert any(v.get("expireAfterSeconds") == 0 for v in info)
