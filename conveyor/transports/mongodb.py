@@ -56,7 +56,7 @@ How it works (``docs/backends/mongodb.md`` has the document layout):
   oldest message.
 * ``ack``, ``reject`` and ``extend`` are guarded by the lease owner token: a consumer whose
   lease expired and whose message was claimed again gets :class:`InvalidReceipt`.
-* Delayed messages carry ``state: delayed`` and stay out of the claim index; every
+* Delayed messages carry ``state: delayed``, outside the claim's index range; every
   ``promote_interval`` a receiving broker flips the due ones to ``ready`` with one
   ``update_many``. Thousands of future messages therefore never slow a claim down.
 * Time is the CLIENT clock (UTC ``datetime``), used consistently for due times and leases:
