@@ -161,6 +161,68 @@ class RedisResultBackendOptions(RedisConnectionOptions):
             raise ConfigurationError("wait_recheck_interval must be > 0 seconds")
 
 
+class _Waiter:
+    """One connection used by one thread to wait for results (see ``wait``).
+
+    Between waits the connection is in normal (unsubscribed) mode except for the reply to the
+    last ``UNSUBSCRIBE``, which ``start`` reads first; a message published after that
+    unsubscribe can no longer arrive.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.conn: Any = None
+        self.pending_unsubscribe = False
+
+    def start(self, key: str) -> bytes | None:
+        """``MULTI; GET; SUBSCRIBE; EXEC`` in one write: the stored value (or None)."""
+        if self.conn is None:
+            self.conn = self.pool.get_connection()
+        conn = self.conn
+        try:
+            while self.pending_unsubscribe:  # the previous wait's goodbye (and late messages)
+                reply = conn.read_response()
+                if isinstance(reply, list) and reply and reply[0] == b"unsubscribe":
+                    self.pending_unsubscribe = False
+        except (rexc.ConnectionError, OSError, AttributeError):
+            # Closed meanwhile (AttributeError: redis-py's parser of a closed connection):
+            # the next command reconnects, and a new connection has no subscription.
+            conn.disconnect()
+            self.pending_unsubscribe = False
+        conn.send_packed_command(
+            conn.pack_commands([("MULTI",), ("GET", key), ("SUBSCRIBE", key), ("EXEC",)])
+        )
+        for _ in range(3):  # +OK, +QUEUED, +QUEUED
+            conn.read_response()
+        value, _subscribed = conn.read_response()
+        if isinstance(value, Exception):
+            raise value
+        return None if value is None else bytes(value)
+
+    def message(self, channel: bytes, seconds: float) -> bytes | None:
+        """The payload of the next message on ``channel`` within ``seconds``, else None."""
+        conn = self.conn
+        if not conn.can_read(timeout=max(0.0, seconds)):
+            return None
+        reply = conn.read_response()
+        if isinstance(reply, list) and len(reply) == 3 and reply[:2] == [b"message", channel]:
+            return bytes(reply[2])
+        return None  # a late message of an earlier wait, or a ping reply
+
+    def leave(self, key: str) -> None:
+        # No health-check PING here: in subscribed mode its reply is not the PONG it expects.
+        self.conn.send_command("UNSUBSCRIBE", key, check_health=False)
+        self.pending_unsubscribe = True
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            with contextlib.suppress(Exception):
+                self.pool.release(conn)
+
+
 class RedisResultBackend(ResultBackendBase):
     """Result backend on Redis in Celery's layout; see the module docstring.
 
@@ -206,12 +268,12 @@ class RedisResultBackend(ResultBackendBase):
         self._prefix = celery_key_prefix(opts.global_keyprefix)
         self._store_script = client.register_script(_STORE_LUA)
         self._closed = False
-        # One pub/sub connection per waiting thread, kept between waits: redis-py's
-        # PubSub.close() drops its TCP connection, so a fresh one per wait cost a connect
-        # and handshake (several round trips) on every AsyncResult.get().
+        # One wait connection per waiting thread, kept between waits (a PubSub per wait
+        # cost a TCP connect and handshake on every AsyncResult.get(): PubSub.close() drops
+        # its connection), see _Waiter.
         self._local = threading.local()
-        self._pubsubs: list[Any] = []
-        self._pubsub_lock = threading.Lock()
+        self._waiters: list[_Waiter] = []
+        self._waiters_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -359,10 +421,13 @@ class RedisResultBackend(ResultBackendBase):
     def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
         """Block until ``task_id`` has a ready record or ``timeout`` seconds pass.
 
-        Subscribes to the record's channel and waits for the server to confirm BEFORE
-        reading the record, so a store racing with the call is never missed; then listens,
-        re-reading every ``wait_recheck_interval`` seconds as a safety net (a reconnect
-        re-subscribes, but a message published while disconnected is gone).
+        One round trip starts the wait: ``MULTI; GET key; SUBSCRIBE key; EXEC`` on this
+        thread's wait connection. The transaction runs the read and the subscription with no
+        other command in between, so a store racing with the call is never missed (it is
+        either read or published to us), without waiting for a subscribe confirmation before
+        reading. Then it listens, re-reading every ``wait_recheck_interval`` seconds as a
+        safety net. The connection is kept for the thread's next wait (it leaves with an
+        UNSUBSCRIBE whose confirmation the next wait reads); after any error it is dropped.
 
         Returns:
             The ready record, or on timeout the latest non-ready record (or None).
@@ -374,12 +439,11 @@ class RedisResultBackend(ResultBackendBase):
         key = self.task_key(task_id)
         channel = key.encode("utf-8")
         recheck = self.options.wait_recheck_interval
-        pubsub = self._thread_pubsub()
+        waiter = self._waiter()
         clean = False
         try:
-            self._run("subscribe", lambda: pubsub.subscribe(key))
-            self._confirm(pubsub, deadline, channel)
-            record = self.fetch(task_id)
+            raw = self._run("wait for result", waiter.start, key)
+            record = None if raw is None else self._decode_waited(raw, task_id)
             next_check = monotonic() + recheck
             while record is None or not record.ready:
                 now = monotonic()
@@ -389,55 +453,41 @@ class RedisResultBackend(ResultBackendBase):
                     record = self.fetch(task_id) or record
                     next_check = now + recheck
                     continue
-                message = self._listen(pubsub, min(deadline, next_check) - now)
-                if message and message.get("type") == "message":
-                    if message.get("channel") != channel:
-                        continue  # a late message of an earlier wait on this connection
-                    try:
-                        record = self._decode(message["data"], task_id)
-                    except DecodeError:
-                        record = self.fetch(task_id)
-            self._run("unsubscribe", lambda: pubsub.unsubscribe(key))
+                data = self._run(
+                    "wait for result", waiter.message, channel, min(deadline, next_check) - now
+                )
+                if data is not None:
+                    record = self._decode_waited(data, task_id)
+            self._run("wait for result", waiter.leave, key)
             clean = True
             return record
         finally:
             if not clean:  # an error mid-wait: never reuse a connection in an unknown state
-                self._drop_pubsub(pubsub)
+                self._drop_waiter(waiter)
 
-    def _thread_pubsub(self) -> Any:
-        """This thread's pub/sub (created on first use, reused by later waits)."""
-        pubsub = getattr(self._local, "pubsub", None)
-        if pubsub is None:
-            pubsub = self._run("wait for result", self._client.pubsub)
-            self._local.pubsub = pubsub
-            with self._pubsub_lock:
-                self._pubsubs.append(pubsub)
-        return pubsub
+    def _decode_waited(self, raw: bytes, task_id: str) -> ResultRecord | None:
+        try:
+            return self._decode(raw, task_id)
+        except DecodeError:
+            return self.fetch(task_id)  # raises the DecodeError again if it really is bad
 
-    def _drop_pubsub(self, pubsub: Any) -> None:
-        self._local.pubsub = None
-        with self._pubsub_lock, contextlib.suppress(ValueError):
-            self._pubsubs.remove(pubsub)
-        with contextlib.suppress(Exception):
-            pubsub.close()
+    def _waiter(self) -> _Waiter:
+        """This thread's wait connection (made on first use, reused by later waits)."""
+        waiter: _Waiter | None = getattr(self._local, "waiter", None)
+        if waiter is None:
+            if self._closed:
+                raise ConnectionLost(f"{self!r} is closed")
+            waiter = _Waiter(self._client.connection_pool)
+            self._local.waiter = waiter
+            with self._waiters_lock:
+                self._waiters.append(waiter)
+        return waiter
 
-    def _listen(self, pubsub: Any, seconds: float) -> Any:
-        return self._run(
-            "wait for result",
-            lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=seconds),
-        )
-
-    def _confirm(self, pubsub: Any, deadline: float, channel: bytes) -> None:
-        """Read until the server confirms the subscription to ``channel`` (bounded by the
-        deadline plus the socket timeout); earlier waits' leftovers are skipped."""
-        limit = max(deadline, monotonic() + (self.options.socket_timeout or 5.0))
-        while monotonic() < limit:
-            message = self._run(
-                "subscribe", lambda: pubsub.get_message(timeout=max(0.0, limit - monotonic()))
-            )
-            if message and message.get("type") == "subscribe" and message.get("channel") == channel:
-                return
-        raise ConnectionLost(f"{self!r}: the server did not confirm the subscription")
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        self._local.waiter = None
+        with self._waiters_lock, contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        waiter.close()
 
     # ------------------------------------------------------------------ counters
     def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
@@ -515,11 +565,10 @@ class RedisResultBackend(ResultBackendBase):
         if self._closed:
             return
         self._closed = True
-        with self._pubsub_lock:
-            pubsubs, self._pubsubs = self._pubsubs, []
-        for pubsub in pubsubs:
-            with contextlib.suppress(Exception):
-                pubsub.close()
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.close()
         if self._owns_client:
             with contextlib.suppress(rexc.RedisError, OSError):
                 self._client.close()
