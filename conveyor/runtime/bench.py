@@ -221,12 +221,16 @@ def _make_celery_app(
     from celery import Celery
 
     app = Celery("bench", broker=broker, backend=backend or None, set_as_current=False)
-    options: dict[str, Any] = {}
     if broker.startswith(("sqla", "mongodb")):
-        options["polling_interval"] = poll
+        # kombu polls these every second by default. Its SQLAlchemy transport hands every
+        # transport option to create_engine(), so polling_interval cannot go there: set the
+        # transports' class default instead (this process and its worker subprocesses only).
+        from kombu.transport import mongodb, sqlalchemy
+
+        sqlalchemy.Transport.polling_interval = poll
+        mongodb.Transport.polling_interval = poll  # type: ignore[assignment]
     app.conf.update(
         task_ignore_result=not results,
-        broker_transport_options=options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
