@@ -172,7 +172,9 @@ def measure_rss(settings: Settings, delayed: int, include_amqp: bool) -> list[Fi
             "%",
             higher_is_better=False,
         ),
-        "amqp": Figure("worker RSS idle (solo)", "amqp", "MiB", higher_is_better=False),
+        "amqp": Figure(
+            "worker RSS idle (solo)", "amqp", "MiB", higher_is_better=False, note="-> rpc"
+        ),
     }
     for run in range(settings.runs):
         log(f"  [memory] run {run + 1}/{settings.runs}")
@@ -237,7 +239,7 @@ def measure_rss(settings: Settings, delayed: int, include_amqp: bool) -> list[Fi
                 filler.close()
                 app.close()
             if include_amqp:
-                amqp_idle = _idle_rss(lib, AMQP, REDIS_RESULTS)
+                amqp_idle = _idle_rss(lib, AMQP, "rpc://")
                 getattr(rows["amqp"], lib).append(amqp_idle)
                 log(f"    {lib} solo idle on RabbitMQ: {amqp_idle:.1f} MiB")
     return [f for f in rows.values() if f.conveyor or f.celery]
@@ -260,7 +262,10 @@ def _idle_rss(lib: str, broker: str, backend: str) -> float:
     finally:
         stop_process(proc, timeout=30.0)
         if lib == "conveyor":
-            app.broker.delete_queue(queue)
+            app.broker.purge(queue)
+            delete = getattr(app.broker, "delete_queue", None)
+            if delete is not None:
+                delete(queue)
         app.close()
 
 

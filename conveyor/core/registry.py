@@ -19,7 +19,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Literal
 
 from conveyor.core.errors import ConfigurationError, MissingDependency, UnknownScheme
@@ -296,6 +295,10 @@ class Registry:
             if not self._load_entry_points or self._scanned:
                 return
             self._scanned = True
+            # Imported here: importlib.metadata pulls in the email package, ~5 MiB of every
+            # worker's memory, and is only needed on the first unknown scheme.
+            from importlib.metadata import entry_points
+
             for kind, group in (("broker", BROKER_GROUP), ("result_backend", RESULT_BACKEND_GROUP)):
                 table = self._tables[kind]
                 for ep in entry_points(group=group):
