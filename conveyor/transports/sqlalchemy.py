@@ -1056,7 +1056,12 @@ class _Listener:
             return False
         start = time.monotonic()
         try:
-            conn = self._connect()
+            if self._conn is None:
+                self._connect()
+                # A publish committed between the caller's claim and this LISTEN sent its
+                # notification to nobody: have the caller claim once more right away.
+                return True
+            conn = self._conn
             for note in conn.notifies(timeout=timeout):
                 if note.payload in names:
                     return True
