@@ -236,7 +236,7 @@ def bench(
         roundtrips=200 if quick else roundtrips,
         records=500 if quick else 2_000,
         runs=max(3, runs),
-        cap=20.0 if quick else 60.0,
+        cap=10.0 if quick else 12.0,
         celery=celery,
         log=lambda text: click.echo(text, err=True),
     )

@@ -160,7 +160,7 @@ class Settings:
     roundtrips: int = 1_000
     records: int = 2_000
     runs: int = 3
-    cap: float = 60.0
+    cap: float = 12.0
     celery: bool = True
     celery_poll: float = 0.1
     log: Callable[[str], None] = print
