@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -491,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     all_pairs = pairs(workdir)
     uses_redis = any(n in only for n in ("redis", "amqp"))
+    interrupted = False
+    # SIGTERM (e.g. from `timeout`) stops like Ctrl-C: workers stopped, queues cleaned, and
+    # the figures measured so far still reported.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if uses_redis:
             flush_redis()
@@ -513,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
             log("== raw client limits")
             figures += raw_limits(settings, envelope_size())
             log(f"== raw limits took {time.monotonic() - t0:.0f}s")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("== interrupted: reporting what was measured so far")
     finally:
         if uses_redis:
             flush_redis()
@@ -531,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         f"total bench time: {elapsed:.0f} s ({'quick' if args.quick else 'full'}); load average "
-        f"{load_at_start[0]:.1f} at start, {load_end:.1f} at end ({os.cpu_count()} CPUs)",
+        f"{load_at_start[0]:.1f} at start, {load_end:.1f} at end ({os.cpu_count()} CPUs)"
+        + (" - INTERRUPTED, partial" if interrupted else ""),
     ]
     report = "\n".join(lines)
     print()
@@ -554,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         plot(figures, RESULTS / "bench.png")
         log(f"plot: {RESULTS / 'bench.png'}")
-    return 0
+    return 1 if interrupted else 0
 
 
 if __name__ == "__main__":
