@@ -62,6 +62,30 @@ def _through(url: str, server_port: int, proxy_port: int) -> str:
     return url.replace(needle, f"127.0.0.1:{proxy_port}")
 
 
+def _diagnose(
+    reader: App, queue: str, ok: dict[int, str], markers: Markers, workers: WorkerProcs
+) -> str:
+    """Where the unconsumed acknowledged publishes are: never run, ran without a result."""
+    records = reader.backend.fetch_many(list(ok.values()))
+    runs = markers.counts()
+    missing = {n: i for n, i in ok.items() if i not in records}
+    not_run = sorted(n for n, i in missing.items() if not runs[i])
+    ran = sorted(n for n, i in missing.items() if runs[i])
+    broker = reader.broker
+    sizes = {}
+    for q in (queue, broker.dead_letter_queue(queue)):
+        try:
+            sizes[q] = broker.size(q)
+        except ConveyorError as exc:
+            sizes[q] = str(exc)
+    tail = "\n".join(workers.logs().splitlines()[-40:])
+    return (
+        f"{len(missing)} acknowledged publishes without a result: never ran {not_run[:20]} "
+        f"(of {len(not_run)}), ran but no result {ran[:20]} (of {len(ran)}); queue sizes "
+        f"{sizes}; worker log tail:\n{tail}"
+    )
+
+
 @pytest.mark.parametrize("name", ["redis", "postgres", "amqp"])
 def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_path: Path) -> None:
     where = target(name, tmp_path)
@@ -141,10 +165,13 @@ def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_p
                     r.state == State.SUCCESS for r in records.values()
                 )
 
-            eventually(
-                all_consumed, DEADLINE, interval=0.2, max_interval=1.0,
-                message="every acknowledged publish consumed",
-            )  # fmt: skip
+            try:
+                eventually(
+                    all_consumed, DEADLINE, interval=0.2, max_interval=1.0,
+                    message="every acknowledged publish consumed",
+                )  # fmt: skip
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{_diagnose(reader, queue, ok, markers, workers)}")
             elapsed = time.monotonic() - began
             runs = markers.counts()
             alive = workers.procs[0].poll() is None

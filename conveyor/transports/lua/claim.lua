@@ -8,7 +8,8 @@
 --    delayed zset, wake list, consumers zset, ready list for step 1 .. for step S]
 -- ARGV[1] limit (most envelopes to claim)
 -- ARGV[2] lease length in ms
--- ARGV[3] lease id prefix (unique per call; ids are "<prefix>:<n>")
+-- ARGV[3] lease id prefix (unique per call; ids are "<prefix>:<n>", or "<prefix>~<k>:<n>" when
+--         a retried call finds the first run's ids taken)
 -- ARGV[4] number of queues
 -- ARGV[5] most expired leases restored per queue
 -- ARGV[6] most due delayed envelopes promoted per queue
@@ -87,6 +88,8 @@ end
 
 local out = {0}
 local n = 0
+local base = prefix
+local retry = 0
 local deadline = now + lease_ms
 for s = 1, S do
   for q = 0, nq - 1 do
@@ -98,8 +101,15 @@ for s = 1, S do
         break
       end
       n = n + 1
-      local id = prefix .. ':' .. n
-      redis.call('HSET', KEYS[b + 1], id, steps[s] .. ':' .. e)
+      local id = base .. ':' .. n
+      -- HSETNX, never HSET: when the client retries this call after a lost reply (its
+      -- connection was reset after the script ran), the same prefix comes again and the
+      -- first run's leases must not be overwritten (that would lose their envelopes).
+      while redis.call('HSETNX', KEYS[b + 1], id, steps[s] .. ':' .. e) == 0 do
+        retry = retry + 1
+        base = prefix .. '~' .. retry
+        id = base .. ':' .. n
+      end
       redis.call('ZADD', KEYS[b + 2], deadline, id)
       out[#out + 1] = q
       out[#out + 1] = id
