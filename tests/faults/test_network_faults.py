@@ -171,7 +171,9 @@ def test_cuts_refusals_and_latency_lose_no_acknowledged_publish(name: str, tmp_p
                     message="every acknowledged publish consumed",
                 )  # fmt: skip
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{_diagnose(reader, queue, ok, markers, workers)}")
+                raise AssertionError(
+                    f"{exc}\n{_diagnose(reader, queue, ok, markers, workers)}"
+                ) from None
             elapsed = time.monotonic() - began
             runs = markers.counts()
             alive = workers.procs[0].poll() is None
