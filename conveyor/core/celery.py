@@ -261,6 +261,34 @@ def _fast_repr(obj: Any, maxlen: int, maxlevels: int) -> str:
     return "".join(parts)
 
 
+_REPR_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _repr_is_exact(obj: Any, depth: int, maxlevels: int) -> bool:
+    """Whether the builtin ``repr(obj)`` is exactly what :func:`_fast_repr` would render.
+
+    True for exact ints, floats, bools, None, strings that ``repr`` leaves unescaped (no
+    quote, no backslash, printable), and lists, tuples and dicts of those shallower than
+    ``maxlevels``. The common task arguments pass, and ``repr`` (C) is then 10-20x cheaper
+    than walking them in Python.
+    """
+    kind = type(obj)
+    if kind in _REPR_SCALARS:
+        return True
+    if kind is str:
+        return "'" not in obj and "\\" not in obj and obj.isprintable()
+    if depth >= maxlevels:
+        return False
+    if kind is tuple or kind is list:
+        return all(_repr_is_exact(item, depth + 1, maxlevels) for item in obj)
+    if kind is dict:
+        return all(
+            _repr_is_exact(key, 0, maxlevels) and _repr_is_exact(value, depth + 1, maxlevels)
+            for key, value in obj.items()
+        )
+    return False
+
+
 def saferepr(obj: Any, maxlen: int | None = REPR_MAXLEN, maxlevels: int = REPR_MAXLEVELS) -> str:
     """Celery's truncating ``repr`` used for the ``argsrepr``/``kwargsrepr`` headers.
 
@@ -274,6 +302,13 @@ def saferepr(obj: Any, maxlen: int | None = REPR_MAXLEN, maxlevels: int = REPR_M
         The same text as ``celery.utils.saferepr.saferepr(obj, maxlen, maxlevels)``.
     """
     if maxlen is not None and maxlen > 0 and maxlevels > 0:
+        if _repr_is_exact(obj, 0, maxlevels):
+            try:
+                text = repr(obj)
+            except ValueError:  # an int beyond sys.get_int_max_str_digits()
+                text = None
+            if text is not None and len(text) < maxlen:
+                return text
         try:
             return _fast_repr(obj, maxlen, maxlevels)
         except _NotSimple:
