@@ -47,7 +47,7 @@ def test_bad_messages_are_dead_lettered_on_every_broker(name: str, tmp_path: Pat
     queue = unique_name(f"bad-{name}")
     app = App(
         "bad-brokers", broker=where.broker, backend=where.backend,
-        worker_max_message_size=MAX_SIZE, worker_lease_seconds=5.0,
+        worker_max_message_size=MAX_SIZE, worker_lease_seconds=30.0,
     )  # fmt: skip
 
     @app.task(name="badb.ok")
@@ -77,8 +77,11 @@ def test_bad_messages_are_dead_lettered_on_every_broker(name: str, tmp_path: Pat
             try:
                 assert worker.wait_started(30)
                 assert sorted(r.get(timeout=120) for r in good) == list(range(len(bad) + 1))
+                # >=: on a very slow server a lease can lapse before the dead-lettering
+                # settles; the message then comes back and is dead-lettered again (the broker
+                # keeps one copy: the dead-letter queue size is checked below).
                 eventually(
-                    lambda: worker.stats["dead_lettered"] == len(bad), 60,
+                    lambda: worker.stats["dead_lettered"] >= len(bad), 60,
                     message="every bad message dead-lettered",
                 )  # fmt: skip
                 assert thread.is_alive()
