@@ -383,16 +383,20 @@ class App:
         if "task_id" in options:
             raise ConfigurationError("send_many gives every message its own task id")
         results: list[AsyncResult] = []
-        batch: list[Any] = []
+        batch: list[Envelope] = []
         target = ""
         delay: float | None = None
         wants_result = False
         for args in args_list:
             envelope, queue, when, wants = self._prepare(name, args, kwargs, **options)
-            if batch and (queue != target or when != delay):
+            # A batch goes to one queue with one delay: the first message's (an ``eta``
+            # gives each message a delay microseconds shorter than the one before).
+            if batch and (queue != target or (when is None) != (delay is None)):
                 self._publish(batch, target, delay, wants_result)
                 batch = []
-            target, delay, wants_result = queue, when, wants_result or wants
+            if not batch:
+                target, delay = queue, when
+            wants_result = wants_result or wants
             batch.append(envelope)
             results.append(AsyncResult(envelope.id, app=self))
             if len(batch) >= _SEND_CHUNK:
@@ -403,7 +407,7 @@ class App:
         return results
 
     def _publish(
-        self, envelopes: list[Any], target: str, delay: float | None, wants_result: bool
+        self, envelopes: list[Envelope], target: str, delay: float | None, wants_result: bool
     ) -> None:
         if wants_result and self._reply_queue_needed():
             self.backend.declare_reply_queue()
