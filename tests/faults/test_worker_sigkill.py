@@ -18,8 +18,8 @@ the queue. Then:
   back; the measured figure is recorded.
 
 The markers are lines appended to files (one per process, ``O_APPEND``), outside the system
-under test. Leases are 2 s so redelivery after a kill is quick (Redis waits for the dead
-owner's heartbeat to be 10 s stale: its live window is max(10 s, 2 x lease)).
+under test. Leases are 2 s (renewed by the worker's heartbeat), so a dead worker's tasks come
+back about 2 s after the kill (at once on RabbitMQ, whose connection closes).
 """
 
 from __future__ import annotations
