@@ -547,10 +547,13 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         *,
         keep: sa.ColumnElement[bool] | None = None,
         update: Mapping[str, Any] | None = None,
-    ) -> None:
+        returning: sa.ColumnElement[Any] | None = None,
+    ) -> Any:
         """INSERT, or UPDATE the row with the same ``keys`` unless ``keep`` holds for it.
 
         ``update`` overrides the values written on conflict (default: ``values``).
+        ``returning``: a column to return from the written row where the dialect can in
+        the same statement (PostgreSQL, SQLite); otherwise None is returned.
         """
         changes = dict(update if update is not None else values)
         for key in keys:
@@ -564,11 +567,12 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             if keep is not None:
                 # status <> 'SUCCESS' is NULL for a NULL status: still replace such a row.
                 where = sa.or_(table.c.status.is_(None), sa.not_(keep))
-            conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=[table.c[k] for k in keys], set_=sets, where=where
-                )
+            stmt = ins.on_conflict_do_update(
+                index_elements=[table.c[k] for k in keys], set_=sets, where=where
             )
+            if returning is not None:
+                return conn.execute(stmt.returning(returning)).scalar_one()
+            conn.execute(stmt)
         elif dialect == "mysql":
             ins = mysql_dialect.insert(table).values(**values)
             pairs: list[tuple[str, Any]] = []
@@ -579,13 +583,15 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             # the guard column itself must be assigned last.
             pairs.sort(key=lambda kv: kv[0] == "status")
             conn.execute(ins.on_duplicate_key_update(pairs))
+            return None
         else:
             match = sa.and_(*(table.c[k] == values[k] for k in keys))
             guard = match if keep is None else sa.and_(match, sa.not_(keep))
             if conn.execute(sa.update(table).where(guard).values(**changes)).rowcount:
-                return
+                return None
             if conn.execute(sa.select(table.c.id).where(match)).first() is None:
                 conn.execute(sa.insert(table).values(**values))
+        return None
 
     # ------------------------------------------------------------------ fetch
     def _columns(self) -> list[sa.ColumnElement[Any]]:
@@ -720,7 +726,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         """Atomically add ``amount`` to counter ``key`` (expired or missing: 0 first); set
-        its expiry to ``ttl`` from now. One upsert (plus a read on MariaDB/MySQL)."""
+        its expiry to ``ttl`` from now. One upsert ``RETURNING`` the value (MariaDB/MySQL:
+        the upsert, then a read of the row it locked)."""
         self._ensure_schema()
         self._check_key(key)
         c = self._counters
@@ -733,14 +740,15 @@ class SQLAlchemyResultBackend(ResultBackendBase):
                 (self._head_expired(now), sa.literal(amount)),
                 else_=c.c.value + sa.literal(amount),
             )
-            self._upsert(
+            written = self._upsert(
                 conn,
                 c,
                 ("counter_key", "member"),
                 values,
                 update={"value": value, "expires_at": expires},
+                returning=c.c.value,
             )
-            return self._head_value(conn, key)
+            return int(written) if written is not None else self._head_value(conn, key)
 
         return self._db.transaction(work, what="incr")
 
