@@ -3,7 +3,7 @@
 # output for scripts/test-summary.sh.
 #
 # Usage (from the repository root, as tox runs it):
-#   scripts/pytest.sh [--log FILE] PATH_OR_GLOB... [-- PYTEST_ARGS...]
+#   scripts/pytest.sh [--log FILE] [--exclude DIR]... PATH_OR_GLOB... [-- PYTEST_ARGS...]
 #
 # Under tox the log defaults to $TOX_WORK_DIR/reports/$TOX_ENV_NAME.log (tox sets both).
 # pytest runs with -p no:cacheprovider: several envs run side by side in one tree and none
@@ -25,6 +25,13 @@ if [[ ${1:-} == --log ]]; then
     log=$2
     shift 2
 fi
+# --exclude DIR (repeatable): drop expanded paths under DIR. pytest's --ignore-glob does not
+# reliably drop files named on the command line (not under xdist), so exclude them here.
+excludes=()
+while [[ ${1:-} == --exclude ]]; do
+    excludes+=("${2%/}/")
+    shift 2
+done
 
 patterns=()
 paths=()
@@ -34,7 +41,11 @@ while (( $# )) && [[ $1 != -- ]]; do
     # shellcheck disable=SC2206
     matches=($1)
     for path in "${matches[@]}"; do
-        [[ -e $path ]] && paths+=("$path")
+        [[ -e $path ]] || continue
+        for ex in "${excludes[@]}"; do
+            [[ $path == "$ex"* ]] && continue 2
+        done
+        paths+=("$path")
     done
     shift
 done
