@@ -526,7 +526,12 @@ class Worker:
                 stored_value = dict(exception_to_meta(exc))
             self._store(self._record(request, State.FAILURE, stored_value, reason))
         if not acked:
-            self.app.broker.reject(delivery, requeue=False, reason=reason)
+            try:
+                self.app.broker.reject(delivery, requeue=False, reason=reason)
+            except InvalidReceipt:
+                # The lease lapsed while we decided (e.g. a slow decode): the message comes
+                # back and is dead-lettered again; the delivery counter bounds the loop.
+                log.warning("lease lost before dead-lettering %s", delivery.envelope.id)
 
     def _store_exception(self, request: Request, state: State, exc: BaseException) -> None:
         from conveyor.core.celery import exception_to_meta
