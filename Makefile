@@ -24,6 +24,10 @@ STAMP := $(VENV)/.conveyor-dev-installed
 # Servers the tox envs in tox.ini need. Add one here when its env lands in tox.ini.
 TEST_SERVICES := postgres mariadb redis rabbitmq memcached mongodb
 SERVICES ?= postgres mariadb redis rabbitmq memcached mongodb
+# The soak moves this many tasks per broker in `make test` (20,000 keeps the run inside its
+# 30-minute budget on 2 cores); `CONVEYOR_SOAK_TASKS=100000 make test` is the full soak of
+# issue 8, whose figures docs/reliability.md reports.
+export CONVEYOR_SOAK_TASKS ?= 20000
 # tox envs to run (comma-separated); empty means tox.ini's env_list.
 TOX_ENVS ?=
 # 2 cores: two envs at a time; each SQL/memory env also runs pytest-xdist with 2 workers,
