@@ -141,6 +141,7 @@ class Database:
     retries: int = 0
     lock_waits: int = 0
     _retry_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _writers: threading.RLock | None = field(default=None, repr=False)
 
     @property
     def dialect(self) -> str:
@@ -189,6 +190,11 @@ class Database:
                 if self.lock is not None:
                     with self.lock:
                         return self._once(fn, readonly, relaxed)
+                if self.sqlite_lock_wait and not readonly:
+                    # SQLite has one write lock per file: threads of this engine queue for
+                    # it here, in order, instead of all spinning on "database is locked".
+                    with self._write_lock():
+                        return self._once(fn, readonly, relaxed)
                 return self._once(fn, readonly, relaxed)
             except (sa_exc.SQLAlchemyError, ConveyorError) as exc:
                 if isinstance(exc, ConveyorError):
@@ -216,6 +222,11 @@ class Database:
                     backoff = min(backoff * 2, 0.25)
                     continue
                 raise translate_error(exc, what=what, url=self.url_text) from exc
+
+    def _write_lock(self) -> threading.RLock:
+        if self._writers is None:
+            self._writers = _shared_lock(self.engine, "_conveyor_write_lock")
+        return self._writers
 
     def _once(self, fn: Callable[[Connection], T], readonly: bool, relaxed: bool) -> T:
         with self.engine.connect() as conn:
@@ -397,18 +408,17 @@ def make_database(
     return Database(built, True, url_text, memory, max_retries, lock, lock_wait)
 
 
-_LOCKS: dict[int, threading.RLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _shared_lock(engine: Engine) -> threading.RLock:
-    # Several brokers/backends may wrap one :memory: engine (tests share a store that way);
-    # they must serialise on the same lock because they share the one connection.
+def _shared_lock(engine: Engine, name: str = "_conveyor_lock") -> threading.RLock:
+    # Several brokers/backends may wrap one engine (tests share a :memory: store that way);
+    # they must serialise on the same lock, so it lives on the engine.
     with _LOCKS_GUARD:
-        lock: threading.RLock | None = engine.__dict__.get("_conveyor_lock")
+        lock: threading.RLock | None = engine.__dict__.get(name)
         if lock is None:
             lock = threading.RLock()
-            engine.__dict__["_conveyor_lock"] = lock
+            engine.__dict__[name] = lock
         return lock
 
 

@@ -775,13 +775,17 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             stale = conn.execute(sa.select(c.c.id).where(head, self._head_expired(now))).first()
             if stale is not None:  # the previous generation of this key expired
                 conn.execute(sa.delete(c).where(c.c.counter_key == key))
-            self._upsert(
+            # The head upsert locks the key: from here on its count cannot move under us.
+            size = self._upsert(
                 conn,
                 c,
                 ("counter_key", "member"),
                 {"counter_key": key, "member": "", "value": 0, "expires_at": expires},
                 update={"expires_at": expires},
+                returning=c.c.value,
             )
+            if size is None:
+                size = self._head_value(conn, key)
             row = {"counter_key": key, "member": "+" + member, "value": 0, "expires_at": None}
             if self._db.dialect == "mysql":
                 ignore = sa.insert(c).prefix_with("IGNORE").values(**row)
@@ -799,9 +803,10 @@ class SQLAlchemyResultBackend(ResultBackendBase):
                 added = conn.execute(exists).first() is None
                 if added:
                     conn.execute(sa.insert(c).values(**row))
-            if added:
-                conn.execute(sa.update(c).where(head).values(value=c.c.value + 1))
-            return self._head_value(conn, key)
+            if not added:
+                return int(size)
+            conn.execute(sa.update(c).where(head).values(value=c.c.value + 1))
+            return int(size) + 1
 
         return self._db.transaction(work, what="add_member")
 
