@@ -117,7 +117,8 @@ def app() -> Iterator[App]:
         "bad",
         broker="memory://",
         backend="memory://",
-        worker_lease_seconds=1.0,
+        # long leases: decompressing the bz2 bomb up to its limit can take seconds under load
+        worker_lease_seconds=30.0,
         worker_max_message_size=MAX_SIZE,
     )
     yield application
