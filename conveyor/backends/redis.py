@@ -64,6 +64,7 @@ from typing import Any, ClassVar, TypeVar
 import redis
 import redis.exceptions as rexc
 
+from conveyor._redis import HeldConnections, Script
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import (
@@ -266,7 +267,9 @@ class RedisResultBackend(ResultBackendBase):
         if opts.compression:
             compress(b"", opts.compression)  # unknown or missing compressor: fail now
         self._prefix = celery_key_prefix(opts.global_keyprefix)
-        self._store_script = client.register_script(_STORE_LUA)
+        self._store_script = Script(client, _STORE_LUA)
+        # store, fetch and fetch_many: raw commands on a connection per thread.
+        self._cmd = HeldConnections(client)
         self._closed = False
         # One wait connection per waiting thread, kept between waits (a PubSub per wait
         # cost a TCP connect and handshake on every AsyncResult.get(): PubSub.close() drops
@@ -359,7 +362,7 @@ class RedisResultBackend(ResultBackendBase):
         value = self._encode(record)
         px = self._px(ttl)
         written = self._run(
-            "store result", lambda: self._store_script(keys=[key], args=[value, px])
+            "store result", self._cmd.run_script, self._store_script, (key,), (value, px)
         )
         if int(written) == -1:
             self._run("store result", lambda: self._store_checked(key, record.task_id, value, px))
@@ -394,11 +397,11 @@ class RedisResultBackend(ResultBackendBase):
         return None if raw is None else self._decode(raw, task_id)
 
     def _get(self, key: str) -> bytes | None:
-        raw: Any = self._client.get(key)
+        raw: Any = self._cmd.call("GET", key)
         return None if raw is None else bytes(raw)
 
     def _mget(self, keys: list[str]) -> list[bytes | None]:
-        values: Any = self._client.mget(keys)
+        values: Any = self._cmd.call("MGET", *keys)
         return list(values)
 
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
@@ -569,6 +572,7 @@ class RedisResultBackend(ResultBackendBase):
             waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.close()
+        self._cmd.close()
         if self._owns_client:
             with contextlib.suppress(rexc.RedisError, OSError):
                 self._client.close()

@@ -126,6 +126,7 @@ import redis.exceptions as rexc
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from conveyor._redis import HeldConnections, Script
 from conveyor.core.base import BrokerBase, validate_queue_name
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
@@ -481,16 +482,16 @@ def _script_text(name: str) -> str:
 
 
 class _Scripts:
-    """The Lua scripts, registered on one client (redis-py re-loads them after NOSCRIPT,
-    e.g. when a restarted server or a new master has an empty script cache)."""
+    """The Lua scripts, known by SHA1 (loaded again after NOSCRIPT, e.g. when a restarted
+    server or a new master has an empty script cache)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.publish = client.register_script(_script_text("publish"))
-        self.push = client.register_script(_script_text("push"))
-        self.claim = client.register_script(_script_text("claim"))
-        self.extend = client.register_script(_script_text("extend"))
-        self.settle = client.register_script(_script_text("settle"))
-        self.purge = client.register_script(_script_text("purge"))
+        self.publish = Script(client, _script_text("publish"))
+        self.push = Script(client, _script_text("push"))
+        self.claim = Script(client, _script_text("claim"))
+        self.extend = Script(client, _script_text("extend"))
+        self.settle = Script(client, _script_text("settle"))
+        self.purge = Script(client, _script_text("purge"))
 
 
 # ============================================================================ envelopes
@@ -673,6 +674,8 @@ class RedisBroker(BrokerBase):
         self._client = client
         self._owns_client = _owns_client
         self._scripts = _Scripts(client)
+        # publish, claim, ack, settle and extend: raw commands on a connection per thread.
+        self._cmd = HeldConnections(client)
         opts = self.options
         self._keys = _Keys(opts.global_keyprefix, opts.sep, opts.priority_steps)
         self._steps_argv = [str(s) for s in opts.priority_steps]
@@ -716,10 +719,10 @@ class RedisBroker(BrokerBase):
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
 
-    def _run(self, what: str, fn: Callable[[], T]) -> T:
+    def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         self._check_open()
         with redis_errors(what, self.url):
-            return fn()
+            return fn(*args)
 
     def _bucket(self, priority: int) -> int:
         """1-based position of the ready list for conveyor priority ``priority``."""
@@ -804,7 +807,7 @@ class RedisBroker(BrokerBase):
         return done
 
     def _publish_chunk(self, keys: list[str], args: list[Any]) -> int:
-        return int(self._run("publish", lambda: self._scripts.publish(keys=keys, args=args)))
+        return int(self._run("publish", self._cmd.run_script, self._scripts.publish, keys, args))
 
     def _push(self, batch: list[Envelope], queue: str) -> int:
         """Ready-now publish (push.lua): only the ready lists that receive a message."""
@@ -824,7 +827,7 @@ class RedisBroker(BrokerBase):
                 args.append(
                     encode_envelope(envelope, queue, _KOMBU_MAX_PRIORITY - envelope.priority)
                 )
-            done += int(self._run("publish", lambda: self._scripts.push(keys=keys, args=args)))  # noqa: B023
+            done += int(self._run("publish", self._cmd.run_script, self._scripts.push, keys, args))
         return done
 
     def _ready_keys(self, queue: str) -> list[str]:
@@ -874,7 +877,7 @@ class RedisBroker(BrokerBase):
 
     def _block(self, wake_keys: list[str], seconds: float) -> None:
         """BLPOP one wake token (any queue) or time out after ``seconds``."""
-        self._run("wait for messages", lambda: self._client.blpop(wake_keys, round(seconds, 3)))
+        self._run("wait for messages", self._cmd.call, "BLPOP", *wake_keys, round(seconds, 3))
 
     def _claim(self, names: list[str], limit: int) -> tuple[int, list[Delivery]]:
         keys: list[str] = []
@@ -902,7 +905,7 @@ class RedisBroker(BrokerBase):
             str(self._live_window_ms),
             *self._steps_argv,
         ]
-        reply = self._run("receive", lambda: self._scripts.claim(keys=keys, args=args))
+        reply = self._run("receive", self._cmd.run_script, self._scripts.claim, keys, args)
         hint = int(reply[0])
         deliveries: list[Delivery] = []
         poison: dict[str, list[tuple[str, str]]] = {}
@@ -969,13 +972,11 @@ class RedisBroker(BrokerBase):
             return
         k = self._keys
 
-        def work() -> Any:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hdel(k.own(receipt.queue, "leases"), receipt.lease)
-            pipe.zrem(k.own(receipt.queue, "deadlines"), receipt.lease)
-            return pipe.execute()
-
-        removed, _ = self._run("ack", work)
+        commands = [
+            ("HDEL", k.own(receipt.queue, "leases"), receipt.lease),
+            ("ZREM", k.own(receipt.queue, "deadlines"), receipt.lease),
+        ]
+        removed, _ = self._run("ack", lambda: self._cmd.pipeline(commands, transaction=True))
         self._mark_settled(receipt)
         if not removed:
             self._lost(receipt, "ack")
@@ -1009,7 +1010,7 @@ class RedisBroker(BrokerBase):
         args += leases
         keys = self._settle_keys(queue)
         return int(
-            self._run(f"settle ({mode})", lambda: self._scripts.settle(keys=keys, args=args))
+            self._run(f"settle ({mode})", self._cmd.run_script, self._scripts.settle, keys, args)
         )
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
@@ -1029,7 +1030,7 @@ class RedisBroker(BrokerBase):
         keys = [k.own(q, "leases"), k.own(q, "deadlines"), k.own(q, "consumers")]
         ms = str(max(1, math.ceil(seconds * 1000)))
         args = [receipt.lease, ms, self._token, str(self._live_window_ms)]
-        if not int(self._run("extend", lambda: self._scripts.extend(keys=keys, args=args))):
+        if not int(self._run("extend", self._cmd.run_script, self._scripts.extend, keys, args)):
             self._lost(receipt, "extend")
 
     # ------------------------------------------------------------------ admin
@@ -1037,7 +1038,7 @@ class RedisBroker(BrokerBase):
         """Delete the ready and delayed messages of ``queue`` (held ones stay). Atomic."""
         validate_queue_name(queue)
         keys = [self._keys.own(queue, "delayed"), *self._keys.ready(queue)]
-        return int(self._run("purge", lambda: self._scripts.purge(keys=keys, args=[])))
+        return int(self._run("purge", self._cmd.run_script, self._scripts.purge, keys, []))
 
     def size(self, queue: str) -> int:
         """Ready messages of ``queue`` (``LLEN`` of its lists, one round trip)."""
@@ -1072,6 +1073,7 @@ class RedisBroker(BrokerBase):
             log.warning("could not release %d held messages on close: %s", len(held), exc)
         finally:
             self._closed = True
+            self._cmd.close()
             if self._owns_client:
                 with contextlib.suppress(Exception):
                     self._client.close()

@@ -288,6 +288,61 @@ def test_killed_connections_are_reopened_transparently(server: redis.Redis, queu
         broker.close()
 
 
+def test_an_emptied_script_cache_is_refilled_on_the_next_command(
+    server: redis.Redis, broker: RedisBroker, queue: str
+) -> None:
+    broker.publish(_env(), queue=queue)
+    server.script_flush()  # what a restarted server or a new master looks like
+    broker.publish(_env(), queue=queue)
+    got = broker.receive(queue, max_messages=2, timeout=1)
+    assert len(got) == 2
+    server.script_flush()
+    for delivery in got:
+        broker.ack(delivery)
+    assert broker.size(queue) == 0
+
+
+def test_a_forked_child_never_writes_on_its_parents_connection(
+    broker: RedisBroker, queue: str
+) -> None:
+    import os
+
+    broker.publish(_env(), queue=queue)  # the parent now holds a connection
+    pid = os.fork()
+    if pid == 0:  # the child: publish on its own connection, then leave without cleanup
+        code = 1
+        try:
+            broker.publish(_env(), queue=queue)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    broker.publish(_env(), queue=queue)  # the parent's connection still in step
+    assert broker.size(queue) == 3
+
+
+def test_close_hands_held_connections_back_to_a_borrowed_client(queue: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    broker = RedisBroker(client, url=REDIS_URL)
+    import threading
+
+    threads = [
+        threading.Thread(target=broker.publish, args=(_env(),), kwargs={"queue": queue})
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    in_use = len(client.connection_pool._in_use_connections)
+    assert in_use >= 4  # one per publishing thread (plus the caller's)
+    broker.close()
+    assert len(client.connection_pool._in_use_connections) == 0
+    assert client.llen(queue + "\x06\x169") == 4  # the client itself still works
+    client.close()
+
+
 def test_a_read_only_replica_is_a_connection_error(redis_bin: str, tmp_path: Path) -> None:
     master_port, replica_port = free_port(), free_port()
     master = _start(redis_bin, master_port, tmp_path, "--save", "")
