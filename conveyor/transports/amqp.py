@@ -2118,10 +2118,42 @@ class AMQPBroker(BrokerBase):
             ConnectionLost: this broker is closed.
         """
         receipt = self._receipt(delivery)
+        link = self._link
         with self._cond:
             if not self._begin_settle(receipt, delivery):
                 return
+            # basic.ack has no reply, so waiting for the I/O thread to write the frame adds
+            # a thread hand-off (~250 µs here) and no guarantee: a frame written just before
+            # the connection drops is lost the same way. When the channel that delivered
+            # the message is still the open one, hand the frame over and return; if it
+            # closes first, _ack_io drops the ack and RabbitMQ delivers the message again
+            # (as after any connection loss). Otherwise settle synchronously, which reports
+            # the lost delivery.
+            if link.is_open and link.channel_open("con") and receipt.epoch == link.epoch("con"):
+                receipt.state = _SETTLED
+                receipt.consumer.outstanding -= 1
+                handed_over = True
+            else:
+                handed_over = False
+        if handed_over:
+            link.call_soon(lambda: self._ack_io(receipt))
+            return
         self._send_settle(receipt, delivery, "ack")
+
+    def _ack_io(self, receipt: _Receipt) -> None:
+        """I/O thread: write the ack of a receipt ``ack`` handed over."""
+        channel = self._link.channel("con")
+        if channel is None or receipt.epoch != self._link.epoch("con"):
+            log.info(
+                "ack of delivery tag %d dropped: its channel closed first (RabbitMQ delivers "
+                "the message again)",
+                receipt.tag,
+            )
+            return
+        try:
+            channel.basic_ack(receipt.tag)
+        except Exception as exc:  # closing under us: the same as dropped
+            log.info("ack of delivery tag %d dropped: %s", receipt.tag, exc)
 
     def reject(self, delivery: Delivery, *, requeue: bool = False, reason: str = "") -> None:
         """Give a delivery back (``requeue=True``) or dead-letter it. Idempotent.
