@@ -31,6 +31,10 @@ DEFAULTS: Mapping[str, Any] = {
     "broker_url": None,
     "result_backend": None,
     "broker_transport_options": {},
+    # a worker started while the broker is down waits for it (Celery 5.3+'s names);
+    # max_retries None: for ever
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_max_retries": 100,
     "result_backend_transport_options": {},
     # serialization
     "task_serializer": "json",

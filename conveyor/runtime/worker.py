@@ -152,11 +152,11 @@ class Worker:
         self.app.import_modules()
         broker = self.app.broker
         self._check_capabilities(broker)
-        for queue in self.queues:
-            broker.declare_queue(queue)
         in_main = threading.current_thread() is threading.main_thread()
         previous = self._install_signals() if in_main else {}
         try:
+            if not self._declare_queues(broker):
+                return  # stopped while waiting for the broker
             self._spawn_threads()
             self._started.set()
             log.info("ready: consuming %s", ", ".join(self.queues))
@@ -165,6 +165,39 @@ class Worker:
             self._shutdown()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _declare_queues(self, broker: Any) -> bool:
+        """Declare the queues; while the broker is unreachable, log and retry with backoff
+        (``broker_connection_retry_on_startup``, at most ``broker_connection_max_retries``
+        times; None: for ever) so that a worker started before its broker, or during an
+        outage, waits instead of exiting. False: stopped meanwhile.
+
+        Raises:
+            OperationalError: still unreachable after the retries (or retrying is off).
+            ConfigurationError: refused credentials and the like are never retried.
+        """
+        conf = self.app.conf
+        retry = bool(conf.broker_connection_retry_on_startup)
+        limit = conf.broker_connection_max_retries
+        attempt, backoff = 0, 0.5
+        while not self._stopping.is_set():
+            try:
+                for queue in self.queues:
+                    broker.declare_queue(queue)
+                if attempt:
+                    log.warning("broker reachable again after %d retries", attempt)
+                return True
+            except OperationalError as exc:
+                attempt += 1
+                if not retry or (limit is not None and attempt > int(limit)):
+                    raise
+                of = f" of {int(limit)}" if limit is not None else ""
+                log.error(
+                    "cannot reach the broker (%s); retry %d%s in %.1fs", exc, attempt, of, backoff
+                )
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        return False
 
     def stop(self, *, cold: bool = False) -> None:
         """Ask the worker to stop: warm (finish running tasks) or cold (give them back)."""

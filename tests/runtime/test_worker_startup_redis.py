@@ -1,0 +1,99 @@
+"""A worker started while its broker is down waits for it (``broker_connection_retry_on_startup``)
+instead of exiting; with retrying off it fails at once. Real ``redis-server`` processes on free
+loopback ports, started late on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from redissupport import free_port, redis_server_binary, terminating, wait_for_port
+
+from conveyor import App
+from conveyor.core.errors import OperationalError
+from conveyor.runtime.worker import Worker
+from conveyor.testing.support import eventually
+
+
+@pytest.fixture
+def redis_bin() -> str:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    return binary
+
+
+def _app(port: int, **settings: object) -> App:
+    url = f"redis://127.0.0.1:{port}/0"
+    app = App(
+        "startup", broker=url, backend=url, broker_transport_options={"max_retries": 0}, **settings
+    )
+
+    @app.task(name="startup.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    return app
+
+
+def test_a_worker_started_before_its_broker_waits_then_consumes(
+    redis_bin: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    app = _app(port)
+    worker = Worker(app, pool="threads", concurrency=1, receive_timeout=0.2)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.start()
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    caplog.set_level(logging.ERROR, logger="conveyor.runtime.worker")
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        eventually(
+            lambda: "cannot reach the broker" in caplog.text, 15, message="a retry is logged"
+        )
+        assert thread.is_alive()  # waiting, not exited
+        assert not errors
+        argv = [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        proc = subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        with terminating(proc):
+            wait_for_port(port)
+            assert worker.wait_started(20), "the worker never started consuming"
+            result = app.send_task("startup.add", (2, 3))
+            assert result.get(timeout=10) == 5
+            worker.stop()
+            thread.join(10)
+    finally:
+        worker.stop()
+        thread.join(10)
+        app.close()
+    assert not errors
+
+
+def test_with_retrying_off_an_unreachable_broker_fails_the_start_at_once() -> None:
+    app = _app(free_port(), broker_connection_retry_on_startup=False)
+    worker = Worker(app, pool="threads", concurrency=1)
+    try:
+        with pytest.raises(OperationalError):
+            worker.start()
+    finally:
+        app.close()
+
+
+def test_retries_at_startup_are_bounded() -> None:
+    app = _app(free_port(), broker_connection_max_retries=2)
+    worker = Worker(app, pool="threads", concurrency=1)
+    try:
+        with pytest.raises(OperationalError):
+            worker.start()  # 0.5 s + 1.0 s of backoff, then the error
+    finally:
+        app.close()
