@@ -102,12 +102,12 @@ class AsyncResult:
         self,
         timeout: float | None = None,
         propagate: bool = True,
-        interval: float = 0.05,
+        interval: float = 0.005,
     ) -> Any:
         """Wait for the task to finish and return its value.
 
         Uses the backend's push ``wait`` when it has one, else polls with backoff starting
-        at ``interval`` seconds (capped at 1 s).
+        at ``interval`` seconds, growing by half each time (capped at 1 s).
 
         Args:
             timeout: seconds to wait; ``None`` waits forever.
