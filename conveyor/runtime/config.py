@@ -45,6 +45,9 @@ DEFAULTS: Mapping[str, Any] = {
     "result_compression": None,
     # results
     "result_expires": 86400.0,  # seconds; None keeps results until forgotten
+    # conveyor: workers delete expired rows of backends without native expiry (SQL) this
+    # often, in seconds; None or 0: never (then call backend.purge_expired() yourself)
+    "result_expiry_sweep_interval": 3600.0,
     "result_extended": False,
     "task_ignore_result": False,
     "task_track_started": False,

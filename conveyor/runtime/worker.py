@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import signal
 import socket
 import threading
@@ -243,6 +244,10 @@ class Worker:
     def _spawn_threads(self) -> None:
         hb = threading.Thread(target=self._heartbeat_loop, name="conveyor-heartbeat", daemon=True)
         self._threads.append(hb)
+        if self._sweep_interval() is not None:
+            self._threads.append(
+                threading.Thread(target=self._sweep_loop, name="conveyor-sweeper", daemon=True)
+            )
         if self.pool == "threads":
             for i in range(self.concurrency):
                 self._threads.append(
@@ -354,6 +359,39 @@ class Worker:
                     log.warning("lease extension failed (%s); will retry", exc)
                     break
             self._cold.wait(interval)
+
+    def _sweep_interval(self) -> float | None:
+        """Seconds between expiry sweeps, or None: only for result backends without native
+        expiry (``expiry_sweep`` and not ``native_ttl``: SQL), whose expired rows are
+        invisible but stay on disk until deleted."""
+        interval = self.app.conf.result_expiry_sweep_interval
+        if not interval or float(interval) <= 0:
+            return None
+        try:
+            caps: frozenset[Capability] = getattr(self.app.backend, "capabilities", frozenset())
+        except ConveyorError:
+            return None  # no usable backend: nothing to sweep
+        if Capability.EXPIRY_SWEEP not in caps or Capability.NATIVE_TTL in caps:
+            return None
+        return float(interval)
+
+    def _sweep_loop(self) -> None:
+        """Delete expired results every ``result_expiry_sweep_interval`` seconds (Celery runs
+        ``celery.backend_cleanup`` from beat for the same job). The first sweep comes after
+        a random part of the interval, so workers started together do not sweep together;
+        the sweep itself deletes in short batches and any number of workers may run it."""
+        interval = self._sweep_interval()
+        assert interval is not None
+        wait = interval * random.uniform(0.1, 1.0)
+        while not self._stopping.wait(wait):
+            wait = interval
+            try:
+                deleted = self.app.backend.purge_expired()
+            except ConveyorError as exc:
+                log.warning("expired-result sweep failed (%s); next in %.0fs", exc, interval)
+                continue
+            if deleted:
+                log.info("deleted %d expired result rows", deleted)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
