@@ -17,6 +17,13 @@ replies: bytes, ints, lists) and the per-command pool round trip.
 
 Each thread keeps one connection from the client's pool until :meth:`close`; a connection
 made before a ``fork()`` is never used in the child.
+
+Reconnecting: every attempt first calls ``Connection.connect()`` (a no-op while connected).
+redis-py's ``send_command`` reconnects a dropped connection to the host it last used; only
+``connect()`` asks the sentinels for the current master (``SentinelManagedConnection``), and
+redis-py's own clients reach it through the pool's checkout on the next command, which a
+held connection never goes through. Without it a worker kept reconnecting to a dead master
+after a Sentinel failover (``tests/faults/test_redis_sentinel.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class HeldConnections:
         conn = self._conn()
 
         def once() -> Any:
+            conn.connect()  # no-op while connected (module docstring: Reconnecting)
             conn.send_command(*args)
             return conn.read_response()
 
@@ -99,6 +107,7 @@ class HeldConnections:
         packed = conn.pack_commands(wrapped)
 
         def once() -> list[Any]:
+            conn.connect()
             conn.send_packed_command(packed)
             replies: list[Any] = []
             error: Exception | None = None

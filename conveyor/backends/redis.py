@@ -190,6 +190,7 @@ class _Waiter:
             # the next command reconnects, and a new connection has no subscription.
             conn.disconnect()
             self.pending_unsubscribe = False
+        conn.connect()  # a Sentinel master may have moved (conveyor/_redis.py: Reconnecting)
         conn.send_packed_command(
             conn.pack_commands([("MULTI",), ("GET", key), ("SUBSCRIBE", key), ("EXEC",)])
         )
