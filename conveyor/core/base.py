@@ -11,8 +11,10 @@ but the bases give, for free:
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -22,7 +24,13 @@ from conveyor.core.protocols import describe
 from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_url
 
-__all__ = ["DEFAULT_RESULT_TTL", "BrokerBase", "ResultBackendBase", "validate_queue_name"]
+__all__ = [
+    "DEFAULT_RESULT_TTL",
+    "BrokerBase",
+    "HeldLeases",
+    "ResultBackendBase",
+    "validate_queue_name",
+]
 
 #: Celery's ``result_expires`` default: one day.
 DEFAULT_RESULT_TTL = 86400.0
@@ -38,6 +46,44 @@ def validate_queue_name(name: str) -> str:
     if any(ord(c) < 32 for c in name):
         raise ConfigurationError(f"queue name {name!r} contains control characters")
     return name
+
+
+class HeldLeases:
+    """One broker instance's bookkeeping of its leases, thread-safe: which messages it holds
+    (message key -> lease token, given back by ``close``) and which receipts it settled
+    lately, so that a second ``ack``/``reject`` of the same delivery is a no-op rather than
+    a "lease lost" error. The newest ``memory`` settled receipts are remembered.
+    """
+
+    def __init__(self, memory: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Hashable, str] = {}
+        self._settled: OrderedDict[tuple[Hashable, str], None] = OrderedDict()
+        self._memory = memory
+
+    def hold(self, items: Iterable[tuple[Hashable, str]]) -> None:
+        """Record ``(key, token)`` pairs just claimed."""
+        with self._lock:
+            self._held.update(items)
+
+    def was_settled(self, key: Hashable, token: str) -> bool:
+        with self._lock:
+            return (key, token) in self._settled
+
+    def settle(self, key: Hashable, token: str) -> None:
+        """Forget the lease (if still this token's) and remember the receipt as settled."""
+        with self._lock:
+            if self._held.get(key) == token:
+                del self._held[key]
+            self._settled[(key, token)] = None
+            while len(self._settled) > self._memory:
+                self._settled.popitem(last=False)
+
+    def take_all(self) -> dict[Any, str]:
+        """Every held lease, forgotten here (``close`` gives them back)."""
+        with self._lock:
+            held, self._held = self._held, {}
+        return held
 
 
 class _Closable:

@@ -84,7 +84,6 @@ import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -97,7 +96,7 @@ from pymongo import errors as mongo_errors
 from pymongo.collection import Collection
 from pymongo.uri_parser import split_options
 
-from conveyor.core.base import BrokerBase, validate_queue_name
+from conveyor.core.base import BrokerBase, HeldLeases, validate_queue_name
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
     ConfigurationError,
@@ -455,8 +454,7 @@ class MongoDBBroker(BrokerBase):
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._lock = threading.Lock()
-        self._held: dict[Any, str] = {}
-        self._settled: OrderedDict[tuple[Any, str], None] = OrderedDict()
+        self._leases = HeldLeases(_SETTLED_MEMORY)
         self._promote_at: dict[str, float] = {}
         self._indexes_ready = not self.options.create_indexes
         self._closed = False
@@ -738,8 +736,7 @@ class MongoDBBroker(BrokerBase):
         )
         if doc is None:
             return []
-        with self._lock:
-            self._held[doc["_id"]] = token
+        self._leases.hold([(doc["_id"], token)])
         return [self._delivery(doc, token)]
 
     def _claim_batch(self, selector: Any, limit: int) -> tuple[list[Delivery], int]:
@@ -773,9 +770,7 @@ class MongoDBBroker(BrokerBase):
         docs = list(self._collection.find({"_id": {"$in": ids}, "lease_owner": token}))
         rank = {doc_id: i for i, doc_id in enumerate(ids)}
         docs.sort(key=lambda d: (-int(d["priority"]), rank[d["_id"]]))
-        with self._lock:
-            for doc in docs:
-                self._held[doc["_id"]] = token
+        self._leases.hold((doc["_id"], token) for doc in docs)
         return [self._delivery(doc, token) for doc in docs], len(ids)
 
     def _lease_end(self, now: datetime) -> datetime:
@@ -815,16 +810,10 @@ class MongoDBBroker(BrokerBase):
         return receipt
 
     def _was_settled(self, receipt: _Receipt) -> bool:
-        with self._lock:
-            return (receipt.doc_id, receipt.token) in self._settled
+        return self._leases.was_settled(receipt.doc_id, receipt.token)
 
     def _settle(self, receipt: _Receipt) -> None:
-        with self._lock:
-            if self._held.get(receipt.doc_id) == receipt.token:
-                del self._held[receipt.doc_id]
-            self._settled[(receipt.doc_id, receipt.token)] = None
-            while len(self._settled) > _SETTLED_MEMORY:
-                self._settled.popitem(last=False)
+        self._leases.settle(receipt.doc_id, receipt.token)
 
     def _lost(self, receipt: _Receipt) -> bool:
         """After a guarded write matched nothing: True when the document still exists (held
@@ -960,8 +949,7 @@ class MongoDBBroker(BrokerBase):
         with self._lock:
             if self._closed:
                 return
-            held = dict(self._held)
-            self._held.clear()
+            held = self._leases.take_all()
         try:
             if held:
                 self._release(held)

@@ -91,7 +91,7 @@ from conveyor._sql import (
     split_url,
     sql_identifier,
 )
-from conveyor.core.base import BrokerBase, validate_queue_name
+from conveyor.core.base import BrokerBase, HeldLeases, validate_queue_name
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
     ConfigurationError,
@@ -381,8 +381,7 @@ class SQLAlchemyBroker(BrokerBase):
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._lock = threading.Lock()
-        self._held: dict[int, str] = {}
-        self._settled: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._leases = HeldLeases(_SETTLED_MEMORY)
         self._promote_at: dict[str, float] = {}
         self._claims: OrderedDict[tuple[str, ...], _Claim] = OrderedDict()
         self._schema_ready = False
@@ -777,9 +776,7 @@ class SQLAlchemyBroker(BrokerBase):
         rank = {q: i for i, q in enumerate(names)}
         rows.sort(key=lambda r: (-r.priority, rank.get(r.queue, 0), r.id))
         deliveries = [self._delivery(r, token) for r in rows]
-        with self._lock:
-            for r in rows:
-                self._held[r.id] = token
+        self._leases.hold((r.id, token) for r in rows)
         return deliveries
 
     def _delivery(self, row: Any, token: str) -> Delivery:
@@ -815,16 +812,10 @@ class SQLAlchemyBroker(BrokerBase):
         return receipt
 
     def _was_settled(self, receipt: _Receipt) -> bool:
-        with self._lock:
-            return (receipt.row_id, receipt.token) in self._settled
+        return self._leases.was_settled(receipt.row_id, receipt.token)
 
     def _settle(self, receipt: _Receipt) -> None:
-        with self._lock:
-            if self._held.get(receipt.row_id) == receipt.token:
-                del self._held[receipt.row_id]
-            self._settled[(receipt.row_id, receipt.token)] = None
-            while len(self._settled) > _SETTLED_MEMORY:
-                self._settled.popitem(last=False)
+        self._leases.settle(receipt.row_id, receipt.token)
 
     def _guarded(self, statement: Any, receipt: _Receipt, what: str, **params: Any) -> bool:
         """Run ``statement`` guarded by (row id, lease token); True when the lease was lost
@@ -982,8 +973,7 @@ class SQLAlchemyBroker(BrokerBase):
             if self._closed:
                 return
             self._closed = True
-            held = dict(self._held)
-            self._held.clear()
+            held = self._leases.take_all()
         try:
             if held:
                 self._release(held)
