@@ -40,7 +40,7 @@ TEST_TIMEOUT ?= 40m
 BENCH_SERVICES := redis rabbitmq postgres mongodb
 BENCH_ARGS ?=
 # Hard stop for one bench run: every measured phase is capped (12 s), so a full run takes
-# about 20 minutes on an idle 2-core machine and longer when it is busy.
+# about 40 minutes on an idle 2-core machine (SQLite phases wait on Celery) and longer when busy.
 BENCH_TIMEOUT ?= 90m
 
 .PHONY: test demo bench lint type services venv clean
