@@ -15,8 +15,9 @@ and each connection's :class:`~redis.retry.Retry` policy (the same retries, back
 reconnects as ``execute_command``). What is skipped: response callbacks (callers get raw
 replies: bytes, ints, lists) and the per-command pool round trip.
 
-Each thread keeps one connection from the client's pool until :meth:`close`; a connection
-made before a ``fork()`` is never used in the child.
+Each thread keeps one connection from the client's pool until it ends (the connection goes
+back to the pool, open, for other threads) or :meth:`close`; a connection made before a
+``fork()`` is never used in the child.
 
 Reconnecting: every attempt first calls ``Connection.connect()`` (a no-op while connected).
 redis-py's ``send_command`` reconnects a dropped connection to the host it last used; only
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +60,9 @@ class HeldConnections:
         self._pool = client.connection_pool
         self._local = threading.local()
         self._all: list[Any] = []
-        self._lock = threading.Lock()
+        # Re-entrant: a finalizer (see _conn) may run from a garbage collection triggered
+        # while this thread holds the lock.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ connections
     def _conn(self) -> Any:
@@ -69,7 +73,19 @@ class HeldConnections:
             local.conn, local.pid = conn, os.getpid()
             with self._lock:
                 self._all.append(conn)
+            # A thread that ends gives its connection back to the pool (a thread per
+            # request calling delay() must not leave one open connection per request).
+            weakref.finalize(threading.current_thread(), self._thread_ended, conn)
         return conn
+
+    def _thread_ended(self, conn: Any) -> None:
+        with self._lock:
+            if not any(held is conn for held in self._all):
+                return  # closed meanwhile: already disconnected
+            self._all = [held for held in self._all if held is not conn]
+        if getattr(conn, "pid", os.getpid()) == os.getpid():
+            with contextlib.suppress(Exception):
+                self._pool.release(conn)
 
     def close(self) -> None:
         """Hand every held connection back to the pool (disconnected)."""

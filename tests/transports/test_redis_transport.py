@@ -343,6 +343,33 @@ def test_close_hands_held_connections_back_to_a_borrowed_client(queue: str) -> N
     client.close()
 
 
+def test_threads_that_end_give_their_connections_back(queue: str) -> None:
+    import gc
+    import threading
+
+    client = redis.Redis.from_url(REDIS_URL)
+    broker = RedisBroker(client, url=REDIS_URL)
+    try:
+        for _ in range(5):  # five waves of 8 short-lived threads, as a thread per request
+            wave = [
+                threading.Thread(target=broker.publish, args=(_env(),), kwargs={"queue": queue})
+                for _ in range(8)
+            ]
+            for t in wave:
+                t.start()
+            for t in wave:
+                t.join()
+            del wave, t
+            gc.collect()
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 0
+        assert len(pool._available_connections) <= 8  # reused, never 40
+        assert broker.size(queue) == 40
+    finally:
+        broker.close()
+        client.close()
+
+
 def test_a_read_only_replica_is_a_connection_error(redis_bin: str, tmp_path: Path) -> None:
     master_port, replica_port = free_port(), free_port()
     master = _start(redis_bin, master_port, tmp_path, "--save", "")
