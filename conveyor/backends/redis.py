@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -277,7 +278,7 @@ class RedisResultBackend(ResultBackendBase):
         # its connection), see _Waiter.
         self._local = threading.local()
         self._waiters: list[_Waiter] = []
-        self._waiters_lock = threading.Lock()
+        self._waiters_lock = threading.RLock()  # re-entrant: see _thread_ended
 
     @classmethod
     def from_url(
@@ -485,7 +486,17 @@ class RedisResultBackend(ResultBackendBase):
             self._local.waiter = waiter
             with self._waiters_lock:
                 self._waiters.append(waiter)
+            # A thread that ends closes its wait connection (a thread per request calling
+            # AsyncResult.get() must not leave one subscribed connection per request).
+            weakref.finalize(threading.current_thread(), self._thread_ended, waiter)
         return waiter
+
+    def _thread_ended(self, waiter: _Waiter) -> None:
+        with self._waiters_lock:
+            if waiter not in self._waiters:
+                return  # dropped or closed already
+            self._waiters.remove(waiter)
+        waiter.close()
 
     def _drop_waiter(self, waiter: _Waiter) -> None:
         self._local.waiter = None

@@ -109,3 +109,21 @@ def test_a_dropped_connection_fails_one_wait_and_the_next_reconnects(
     assert record is not None
     assert record.result == 3
     backend.forget(task_id)
+
+
+def test_threads_that_end_close_their_wait_connections(backend: RedisResultBackend) -> None:
+    import gc
+
+    record = _record(unique_name("t"))
+    backend.store(record)
+    for _ in range(3):  # waves of short-lived threads, as a thread per request
+        wave = [threading.Thread(target=backend.wait, args=(record.task_id, 1.0)) for _ in range(6)]
+        for t in wave:
+            t.start()
+        for t in wave:
+            t.join()
+        del wave, t
+        gc.collect()
+    assert backend._waiters == []
+    # what stays in use: only this thread's command connection (from the store above)
+    assert len(backend.client.connection_pool._in_use_connections) == 1
