@@ -24,7 +24,13 @@ MASK = "***"
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # user:password@ in any URL-ish text; the password part stops at the last '@' before the host.
 # The password may contain '@' (the last '@' before the path or query ends it).
-_USERINFO_RE = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@;\s]*):(?P<pw>[^;\s?#]*)@")
+# The password runs to the LAST '@' that is followed by a host (no '@' before the next '/',
+# '?', '#', ';', white space or the end): a raw password may hold '@', '#', '?' or '/'. An
+# '@' in a query string makes it mask the host too: over-masking, never a leak.
+_USERINFO_RE = re.compile(
+    r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@;\s]*):(?P<pw>[^;\s]*)@"
+    r"(?=[^@/?#;\s]*(?:[/?#;\s]|$))"
+)
 # Fallback for text that is not a well-formed URL ('redis:/u:pw@h', 'u:pw@h:6379'): any
 # 'user:secret@' token. The password part stops at '/', '@', ';' or white space.
 _LOOSE_USERINFO_RE = re.compile(r"(?P<pre>(?:^|(?<=[\s;/'\"]))[^:/@;\s'\"]+):(?P<pw>[^/@;\s]+)@")
