@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -30,7 +31,7 @@ from typing import Any, Literal, overload
 
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import TaskMessage, build_envelope
-from conveyor.core.errors import ConfigurationError
+from conveyor.core.errors import ConfigurationError, OperationalError
 from conveyor.core.registry import Registry, default_registry
 from conveyor.core.signing import signer_from_config
 from conveyor.core.types import Envelope
@@ -413,13 +414,45 @@ class App:
             self.backend.declare_reply_queue()
             self._reply_declared = True
         broker = self.broker
-        if target not in self._declared:
-            broker.declare_queue(target)
-            self._declared.add(target)
-        if len(envelopes) == 1:
-            broker.publish(envelopes[0], queue=target, delay=delay or None)
-        else:
-            broker.publish_many(envelopes, queue=target, delay=delay or None)
+
+        def send() -> None:
+            if target not in self._declared:
+                broker.declare_queue(target)
+                self._declared.add(target)
+            if len(envelopes) == 1:
+                broker.publish(envelopes[0], queue=target, delay=delay or None)
+            else:
+                broker.publish_many(envelopes, queue=target, delay=delay or None)
+
+        self._with_publish_retry(send)
+
+    def _with_publish_retry(self, send: Callable[[], None]) -> None:
+        """Run ``send``; on a lost connection or a timeout, retry as Celery's
+        ``task_publish_retry`` / ``task_publish_retry_policy`` say (default: 3 retries,
+        0 s then 0.2 s apart), then raise. A retried publish may have reached the broker
+        the first time too (at-least-once: the worker may see it twice); refused
+        credentials and bad input are never retried."""
+        conf = self.conf
+        policy = dict(conf.task_publish_retry_policy or {})
+        retries = int(policy.get("max_retries", 3)) if conf.task_publish_retry else 0
+        wait = float(policy.get("interval_start", 0.0))
+        step = float(policy.get("interval_step", 0.2))
+        cap = float(policy.get("interval_max", 0.2))
+        attempt = 0
+        while True:
+            try:
+                send()
+                return
+            except OperationalError as exc:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                log.warning(
+                    "publish failed (%s); retry %d of %d in %.2fs", exc, attempt, retries, wait
+                )
+                if wait > 0:
+                    time.sleep(wait)
+                wait = min(wait + step, cap)
 
     def _prepare(
         self,

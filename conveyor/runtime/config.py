@@ -53,6 +53,14 @@ DEFAULTS: Mapping[str, Any] = {
     "task_track_started": False,
     # routing
     "task_default_queue": "celery",
+    # publishing: retried on a lost connection or a timeout (Celery's names and defaults)
+    "task_publish_retry": True,
+    "task_publish_retry_policy": {
+        "max_retries": 3,
+        "interval_start": 0.0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    },
     "task_routes": None,
     "task_default_priority": None,
     # time

@@ -97,3 +97,47 @@ def test_retries_at_startup_are_bounded() -> None:
             worker.start()  # 0.5 s + 1.0 s of backoff, then the error
     finally:
         app.close()
+
+
+def test_a_publish_during_a_short_outage_is_retried_and_lands(
+    redis_bin: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    app = _app(
+        port,
+        task_publish_retry_policy={
+            "max_retries": 100,
+            "interval_start": 0.05,
+            "interval_max": 0.05,
+        },
+    )
+    argv = [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    started: list[subprocess.Popen[bytes]] = []
+    # The server comes up while send_task is already retrying.
+    timer = threading.Timer(
+        0.3,
+        lambda: started.append(
+            subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        ),
+    )
+    timer.start()
+    try:
+        result = app.send_task("startup.add", (1, 2), queue="startup-q")
+        assert started  # it did wait for the server
+        assert app.broker.size("startup-q") == 1
+        assert result.id
+    finally:
+        timer.join()
+        app.close()
+        for proc in started:
+            with terminating(proc):
+                pass
+
+
+def test_with_publish_retry_off_a_lost_connection_raises_at_once() -> None:
+    app = _app(free_port(), task_publish_retry=False)
+    try:
+        with pytest.raises(OperationalError):
+            app.send_task("startup.add", (1, 2))
+    finally:
+        app.close()
