@@ -839,6 +839,7 @@ class AMQPLink:
         self._retry_handle: Any = None
         self._tick_handle: Any = None
         self._workflow: Any = None
+        self._attempt: object = None
         self._closing = False
 
     # ------------------------------------------------------------------ caller side
@@ -1045,8 +1046,22 @@ class AMQPLink:
     # ------------------------------------------------------------------ I/O thread: lifecycle
     def _main(self) -> None:
         try:
-            self._ioloop.start()
-        except Exception:  # pragma: no cover - a bug in a callback; keep the reason visible
+            while True:
+                try:
+                    self._ioloop.start()
+                    break  # stopped on purpose (_io_close)
+                except Exception:
+                    if self._closing:
+                        raise
+                    # pika raises out of its own callbacks now and then, e.g. ValueError
+                    # "Expected connected socket, but getpeername() failed" when a peer
+                    # accepts the TCP connection and drops it at once (a proxy refusing,
+                    # a server going down). Letting that end this thread closed the broker
+                    # for good and left a worker running with nothing to consume: treat it
+                    # as a failed connection instead and go on reconnecting.
+                    log.exception("%s: error inside the I/O loop; reconnecting", self.name)
+                    self._recover()
+        except Exception:  # pragma: no cover - a failure while closing; keep it visible
             log.exception("%s: I/O loop crashed", self.name)
         finally:
             with self._cond:
@@ -1054,6 +1069,31 @@ class AMQPLink:
                 self._cond.notify_all()
             self._fail_everything(ConnectionLost(f"{self.name} is closed"))
             self._ioloop.close()
+
+    def _recover(self) -> None:
+        """I/O thread, loop stopped by an exception: drop what was in flight and schedule a
+        reconnect (with the usual backoff) unless one is scheduled already."""
+        workflow, self._workflow = self._workflow, None
+        self._attempt = None  # whatever that attempt still reports is ignored
+        if workflow is not None:
+            with contextlib.suppress(Exception):  # already finished: nothing to abort
+                workflow.abort()
+        conn = self._conn
+        if conn is not None and not conn.is_closed:
+
+            def close() -> None:
+                # Closing reports through _on_connection_closed, which reconnects.
+                if conn.is_closed or conn.is_closing:
+                    return
+                try:
+                    conn.close()
+                except Exception as exc:  # broken beyond closing: report it closed ourselves
+                    self._on_connection_closed(conn, exc)
+
+            self._ioloop.add_callback_threadsafe(close)
+            return
+        if self._retry_handle is None and self._workflow is None:
+            self._on_connect_done(ConnectionLost(f"connecting to {self.where} failed"))
 
     def _set_state(self, state: str) -> None:
         with self._cond:
@@ -1070,6 +1110,8 @@ class AMQPLink:
         self._retry_handle = None
         if self._closing or self._state == _CLOSED:
             return
+        if self._workflow is not None:
+            return  # an attempt is under way already
         with self._cond:
             self._state = _CONNECTING
             self._round_failed = False
@@ -1078,13 +1120,23 @@ class AMQPLink:
             params = [
                 connection_parameters(e, self.options, name=self.name) for e in self.endpoints
             ]
+            token = object()  # which attempt a report belongs to (see _recover)
+            self._attempt = token
             self._workflow = SelectConnection.create_connection(
-                params, self._on_connect_done, custom_ioloop=self._ioloop
+                params,
+                lambda result: self._on_connect_done(result, attempt=token),
+                custom_ioloop=self._ioloop,
             )
         except (OSError, ValueError, ssl.SSLError) as exc:  # bad TLS files and the like
             self._on_connect_done(exc)
 
-    def _on_connect_done(self, result: Any) -> None:
+    def _on_connect_done(self, result: Any, *, attempt: object = None) -> None:
+        if attempt is not None and attempt is not self._attempt:
+            # The report of an attempt _recover abandoned: never a second connection.
+            if not isinstance(result, BaseException):
+                with contextlib.suppress(Exception):
+                    result.close()
+            return
         self._workflow = None
         if isinstance(result, BaseException):
             error = translate_error(result, f"connecting to {self.where}")
