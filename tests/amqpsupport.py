@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from conveyor.core.errors import ConveyorError
-from conveyor.testing.support import service_unavailable
+from conveyor.testing.support import requirement_missing, service_unavailable
 from conveyor.transports.amqp import AMQPBroker, parse_amqp_url
 
 __all__ = [
@@ -119,12 +119,12 @@ def rabbitmqctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProces
     """Run ``rabbitmqctl`` (skips the test when it is not installed or not permitted)."""
     exe = shutil.which("rabbitmqctl")
     if exe is None:
-        pytest.skip("rabbitmqctl is not installed")
+        requirement_missing("rabbitmqctl is not installed")
     done = subprocess.run(
         [exe, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
     if done.returncode != 0 and "permission" in (done.stderr or "").lower():
-        pytest.skip(f"rabbitmqctl is not permitted here: {done.stderr.strip()}")
+        requirement_missing(f"rabbitmqctl is not permitted here: {done.stderr.strip()}")
     return done
 
 

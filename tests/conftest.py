@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", deadline=None, print_blob=True)
@@ -18,3 +19,16 @@ settings.register_profile("dev", deadline=None, max_examples=20)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
 )
+
+
+@pytest.fixture
+def redis_bin() -> str:
+    """Path of redis-server, for tests that start private Redis servers."""
+    from redissupport import redis_server_binary  # lazily: the unit env has no redis
+
+    from conveyor.testing.support import requirement_missing
+
+    binary = redis_server_binary()
+    if binary is None:
+        requirement_missing("redis-server is not installed")
+    return binary

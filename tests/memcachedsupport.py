@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from conveyor.backends.memcached import _parse_servers
-from conveyor.testing.support import service_unavailable
+from conveyor.testing.support import requirement_missing, service_unavailable
 
 __all__ = [
     "MEMCACHED_URL",
@@ -92,7 +92,9 @@ def extra_memcached(memcached_url: str) -> Iterator[tuple[str, int]]:
     """A second memcached of our own on a free loopback port (for multi-server tests)."""
     binary = shutil.which("memcached")
     if binary is None:
-        pytest.skip("no memcached binary to start a second server (apt-get install memcached)")
+        requirement_missing(
+            "no memcached binary to start a second server (apt-get install memcached)"
+        )
     port = free_port()
     argv = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "32"]
     if os.geteuid() == 0:
@@ -105,7 +107,7 @@ def extra_memcached(memcached_url: str) -> Iterator[tuple[str, int]]:
                 if raw_command("127.0.0.1", port, "version").startswith("VERSION"):
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"second memcached did not start (exit code {proc.poll()})")
+                requirement_missing(f"second memcached did not start (exit code {proc.poll()})")
             time.sleep(0.05)
         yield "127.0.0.1", port
     finally:

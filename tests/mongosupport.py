@@ -33,7 +33,7 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from conveyor.core.urls import mask_url
-from conveyor.testing.support import service_unavailable
+from conveyor.testing.support import requirement_missing, service_unavailable
 
 __all__ = [
     "MONGODB_URL",
@@ -136,7 +136,9 @@ def private_secantus() -> Iterator[str]:
     """A private SecantusDB with a 1 s TTL sweep; yields its URL. Skips when not installed."""
     python = _MONGO_VENV / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"SecantusDB is not installed in {_MONGO_VENV} (CONVEYOR_MONGO_TEST_VENV)")
+        requirement_missing(
+            f"SecantusDB is not installed in {_MONGO_VENV} (CONVEYOR_MONGO_TEST_VENV)"
+        )
     port = free_port()
     proc = subprocess.Popen(
         [str(python), "-c", _SERVER_SCRIPT, str(port)],
@@ -149,7 +151,7 @@ def private_secantus() -> Iterator[str]:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until ready, or "" if it died
         if line.strip() != "ready":
-            pytest.skip(f"private SecantusDB did not start (exit code {proc.poll()})")
+            requirement_missing(f"private SecantusDB did not start (exit code {proc.poll()})")
         url = f"mongodb://127.0.0.1:{port}/conveyor_ttl"
         deadline = time.monotonic() + 30
         while True:

@@ -10,11 +10,13 @@ pytest-xdist against that one database. A missing server skips locally and fails
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -99,3 +101,16 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def run_thread_waves(target: Callable[[], object], waves: int, per_wave: int) -> None:
+    """Run ``target`` in ``waves`` waves of ``per_wave`` short-lived threads (a thread per
+    request), dropping each wave's threads and collecting garbage after it."""
+    for _ in range(waves):
+        wave = [threading.Thread(target=target) for _ in range(per_wave)]
+        for thread in wave:
+            thread.start()
+        for thread in wave:
+            thread.join()
+        del wave, thread
+        gc.collect()

@@ -432,6 +432,11 @@ class App:
         0 s then 0.2 s apart), then raise. A retried publish may have reached the broker
         the first time too (at-least-once: the worker may see it twice); refused
         credentials and bad input are never retried."""
+        try:
+            send()  # the common case: no settings read on the publish path
+            return
+        except OperationalError as exc:
+            error = exc
         conf = self.conf
         policy = dict(conf.task_publish_retry_policy or {})
         retries = int(policy.get("max_retries", 3)) if conf.task_publish_retry else 0
@@ -440,19 +445,20 @@ class App:
         cap = float(policy.get("interval_max", 0.2))
         attempt = 0
         while True:
+            if attempt >= retries:
+                raise error
+            attempt += 1
+            log.warning(
+                "publish failed (%s); retry %d of %d in %.2fs", error, attempt, retries, wait
+            )
+            if wait > 0:
+                time.sleep(wait)
+            wait = min(wait + step, cap)
             try:
                 send()
                 return
             except OperationalError as exc:
-                if attempt >= retries:
-                    raise
-                attempt += 1
-                log.warning(
-                    "publish failed (%s); retry %d of %d in %.2fs", exc, attempt, retries, wait
-                )
-                if wait > 0:
-                    time.sleep(wait)
-                wait = min(wait + step, cap)
+                error = exc
 
     def _prepare(
         self,

@@ -98,6 +98,15 @@ def services_required() -> bool:
     return flag or os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def requirement_missing(reason: str) -> NoReturn:
+    """Skip (locally) or fail (CI) because something a test needs is missing: a server
+    binary, a tool, a private server that would not start. Like :func:`service_unavailable`,
+    a green CI run may never rest on a skipped server test."""
+    if services_required():
+        pytest.fail(f"{reason} (CI=true or CONVEYOR_REQUIRE_SERVICES=1: it is required)")
+    pytest.skip(reason)
+
+
 def service_unavailable(service: str, url: str, error: BaseException | str) -> NoReturn:
     """Skip (locally) or fail (CI) because ``service`` at ``url`` is not reachable."""
     from conveyor.core.urls import mask_url

@@ -32,7 +32,7 @@ from faultsupport import record_figures
 
 from conveyor.core.errors import ConveyorError, OperationalError
 from conveyor.runtime import App
-from conveyor.testing.support import unique_name
+from conveyor.testing.support import requirement_missing, unique_name
 from conveyor.transports.amqp import AMQPBroker
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def _rabbitmq_restored() -> Iterator[None]:
 def test_a_rabbitmq_restart_mid_run_loses_no_task_and_the_worker_resumes() -> None:
     url = require_amqp()
     if rabbitmqctl("status").returncode != 0:
-        pytest.skip("rabbitmqctl cannot reach the local RabbitMQ node")
+        requirement_missing("rabbitmqctl cannot reach the local RabbitMQ node")
     queue = unique_name("restart")
     runs: Counter[int] = Counter()
     completed_at: list[float] = []

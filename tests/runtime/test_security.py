@@ -30,7 +30,7 @@ from conveyor import App, Envelope
 from conveyor.core.celery import TaskMessage, build_envelope
 from conveyor.core.signing import SIGNATURE_HEADER, Signer
 from conveyor.runtime.worker import Worker
-from conveyor.testing.support import eventually
+from conveyor.testing.support import eventually, requirement_missing
 
 KEY = "current-signing-key-0123456789abcdef"
 OLD_KEY = "previous-signing-key-0123456789abcd"
@@ -385,7 +385,7 @@ def test_a_known_password_never_appears_in_worker_or_cli_output(tmp_path: Path) 
     pytest.importorskip("redis")
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server not installed")
+        requirement_missing("redis-server is not installed")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from faultsupport import free_port, wait_port
 

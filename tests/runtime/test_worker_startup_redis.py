@@ -11,20 +11,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from redissupport import free_port, redis_server_binary, terminating, wait_for_port
+from redissupport import free_port, terminating, wait_for_port
 
 from conveyor import App
 from conveyor.core.errors import OperationalError
 from conveyor.runtime.worker import Worker
 from conveyor.testing.support import eventually
-
-
-@pytest.fixture
-def redis_bin() -> str:
-    binary = redis_server_binary()
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    return binary
 
 
 def _app(port: int, **settings: object) -> App:

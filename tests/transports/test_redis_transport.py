@@ -19,8 +19,8 @@ from redissupport import (
     closed_port_url,
     delete_keys,
     free_port,
-    redis_server_binary,
     require_redis,
+    run_thread_waves,
     terminating,
     wait_for_port,
 )
@@ -242,14 +242,6 @@ def _start(binary: str, port: int, folder: Path, *extra: str) -> subprocess.Pope
     return proc
 
 
-@pytest.fixture
-def redis_bin() -> str:
-    binary = redis_server_binary()
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    return binary
-
-
 def test_held_and_ready_messages_survive_a_server_restart(redis_bin: str, tmp_path: Path) -> None:
     port = free_port()
     persist = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
@@ -344,23 +336,10 @@ def test_close_hands_held_connections_back_to_a_borrowed_client(queue: str) -> N
 
 
 def test_threads_that_end_give_their_connections_back(queue: str) -> None:
-    import gc
-    import threading
-
     client = redis.Redis.from_url(REDIS_URL)
     broker = RedisBroker(client, url=REDIS_URL)
     try:
-        for _ in range(5):  # five waves of 8 short-lived threads, as a thread per request
-            wave = [
-                threading.Thread(target=broker.publish, args=(_env(),), kwargs={"queue": queue})
-                for _ in range(8)
-            ]
-            for t in wave:
-                t.start()
-            for t in wave:
-                t.join()
-            del wave, t
-            gc.collect()
+        run_thread_waves(lambda: broker.publish(_env(), queue=queue), waves=5, per_wave=8)
         pool = client.connection_pool
         assert len(pool._in_use_connections) == 0
         assert len(pool._available_connections) <= 8  # reused, never 40
