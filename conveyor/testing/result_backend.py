@@ -738,11 +738,21 @@ class ResultBackendConformance:
 
     @requires(Capability.COUNTERS)
     def test_incr_and_add_member_refresh_the_ttl(self, result_backend: Any) -> None:
-        counter, members = unique_name("counter"), unique_name("join")
-        result_backend.incr(counter, 1, ttl=self.short_ttl)
-        result_backend.add_member(members, "a", ttl=self.short_ttl)
-        result_backend.incr(counter, 1, ttl=_LONG_TTL)
-        result_backend.add_member(members, "b", ttl=_LONG_TTL)
+        for _attempt in range(5):
+            counter, members = unique_name("counter"), unique_name("join")
+            first = time.monotonic()
+            result_backend.incr(counter, 1, ttl=self.short_ttl)
+            result_backend.add_member(members, "a", ttl=self.short_ttl)
+            result_backend.incr(counter, 1, ttl=_LONG_TTL)
+            result_backend.add_member(members, "b", ttl=_LONG_TTL)
+            if time.monotonic() - first < self.short_ttl / 2:
+                break  # refreshed well before the short TTL ran out: the case under test
+            # A slow (loaded) server let the short TTL run out before the refresh: then a
+            # fresh count is right, and this run proves nothing; try again.
+            result_backend.forget_key(counter)
+            result_backend.forget_key(members)
+        else:
+            pytest.skip("four calls never finished within half of short_ttl here")
         self._past_expiry(time.monotonic())
         self._sweep_if_needed(result_backend)
         assert result_backend.incr(counter, 0) == 2
