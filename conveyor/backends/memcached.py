@@ -456,7 +456,8 @@ class MemcachedResultBackend(ResultBackendBase):
             raise ConfigurationError(f"unknown task state {record.state!r}") from None
         if state is not record.state:
             record = dataclasses.replace(record, state=state)
-        key = self._key(self._task_prefix, record.task_id, "task id")
+        record = self._check_record(record)
+        key = self._task_prefix + record.task_id
         value = encode_meta(record, self._serializer.name, self._serializers)
         expire = self._exptime(ttl)
         what = f"store result {_brief(record.task_id)}"
@@ -512,8 +513,9 @@ class MemcachedResultBackend(ResultBackendBase):
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save the membership of ``record.group_id`` in Celery's saved-group format."""
-        key = self._key(self._group_prefix, record.group_id, "group id")
-        meta = group_meta(record.group_id, self._check_ids(record.task_ids, "group member"))
+        record = self._check_group(record)
+        key = self._group_prefix + record.group_id
+        meta = group_meta(record.group_id, record.task_ids)
         done = record.date_done or datetime.now(_UTC)
         if done.tzinfo is None:
             done = done.replace(tzinfo=_UTC)
@@ -601,7 +603,7 @@ class MemcachedResultBackend(ResultBackendBase):
             ConfigurationError: bad key, ``member`` not a string.
         """
         name = self._key(self._counter_prefix, key, "counter key")
-        self._check_id(member, "member")
+        member = self._check_id(member, "member")
         expire = self._exptime(ttl)
         what = f"add_member {_brief(key)}"
         deadline = time.monotonic() + self.options.contention_timeout

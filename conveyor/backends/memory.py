@@ -443,7 +443,7 @@ class MemoryResultBackend(ResultBackendBase):
             ConnectionLost: this client is closed.
         """
         self._check_open()
-        self._check_id(record.task_id, "task id")
+        record = self._check_record(record)
         try:
             state = State(record.state)
         except ValueError:
@@ -457,7 +457,7 @@ class MemoryResultBackend(ResultBackendBase):
     def fetch(self, task_id: str) -> ResultRecord | None:
         """Return the record for ``task_id``, or ``None`` if unknown or expired. Non-blocking."""
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         record = self._store.fetch_many((task_id,)).get(task_id)
         return None if record is None else _isolated(record)
 
@@ -490,7 +490,7 @@ class MemoryResultBackend(ResultBackendBase):
             ConnectionLost: this client is (or gets) closed.
         """
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         _check_seconds(timeout, "timeout")
         record = self._store.wait(task_id, float(timeout), lambda: self._closed)
         return None if record is None else _isolated(record)
@@ -503,7 +503,7 @@ class MemoryResultBackend(ResultBackendBase):
             ConfigurationError: ``amount`` not an int, ``key`` empty or holding a set.
         """
         self._check_open()
-        self._check_id(key, "counter key")
+        key = self._check_id(key, "counter key")
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise ConfigurationError(f"amount must be an int, got {amount!r}")
         return self._store.incr(key, amount, self._effective_ttl(ttl))
@@ -516,8 +516,8 @@ class MemoryResultBackend(ResultBackendBase):
                 a counter.
         """
         self._check_open()
-        self._check_id(key, "counter key")
-        self._check_id(member, "member")
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         return self._store.add_member(key, member, self._effective_ttl(ttl))
 
     def forget_key(self, key: str) -> None:
@@ -529,10 +529,7 @@ class MemoryResultBackend(ResultBackendBase):
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save the membership of ``record.group_id`` (replacing any previous one)."""
         self._check_open()
-        self._check_id(record.group_id, "group id")
-        task_ids = tuple(self._check_ids(record.task_ids, "group member"))
-        if task_ids != record.task_ids or type(record.task_ids) is not tuple:
-            record = dataclasses.replace(record, task_ids=task_ids)
+        record = self._check_group(record)
         self._store.store_group(record, self._effective_ttl(ttl))
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:

@@ -281,7 +281,9 @@ class MongoDBResultBackend(ResultBackendBase):
         except mongo_errors.PyMongoError as exc:
             raise translate_error(exc, what="create client", url=url) from exc
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad MongoDB URL {mask_url(url)!r}: {exc}") from None
+            raise ConfigurationError(
+                f"bad MongoDB URL {mask_url(url)!r}: {mask_url(str(exc))}"
+            ) from None
         try:
             return cls(client, opts, serializers=serializers, url=url, _owns_client=True)
         except BaseException:
@@ -471,7 +473,7 @@ class MongoDBResultBackend(ResultBackendBase):
             OperationalError: the server could not be reached.
         """
         self._check_open()
-        self._check_id(record.task_id, "task id")
+        record = self._check_record(record)
         try:
             state = State(record.state)
         except ValueError:
@@ -510,7 +512,7 @@ class MongoDBResultBackend(ResultBackendBase):
     def fetch(self, task_id: str) -> ResultRecord | None:
         """Return the record for ``task_id``, or ``None`` if unknown or expired."""
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         with self._driver(f"fetch result {_brief(task_id)}"):
             doc = self._tasks.find_one({"_id": task_id})
         if doc is None or not self._alive(doc, datetime.now(_UTC)):
@@ -536,7 +538,7 @@ class MongoDBResultBackend(ResultBackendBase):
     def forget(self, task_id: str) -> None:
         """Delete the record for ``task_id``. Idempotent."""
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         with self._driver(f"forget result {_brief(task_id)}"):
             self._tasks.delete_one({"_id": task_id})
 
@@ -553,8 +555,8 @@ class MongoDBResultBackend(ResultBackendBase):
         """Save the membership of ``record.group_id`` (replacing any previous one), as
         Celery does: ``result`` = the encoded list of member ids, ``date_done``."""
         self._check_open()
-        self._check_id(record.group_id, "group id")
-        members = self._check_ids(record.task_ids, "group member")
+        record = self._check_group(record)
+        members = list(record.task_ids)
         now = datetime.now(_UTC)
         doc: dict[str, Any] = {
             "_id": record.group_id,
@@ -570,7 +572,7 @@ class MongoDBResultBackend(ResultBackendBase):
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """Return the group or ``None`` if unknown or expired."""
         self._check_open()
-        self._check_id(group_id, "group id")
+        group_id = self._check_id(group_id, "group id")
         with self._driver(f"fetch group {_brief(group_id)}"):
             doc = self._groups.find_one({"_id": group_id})
         if doc is None or not self._alive(doc, datetime.now(_UTC)):
@@ -581,7 +583,7 @@ class MongoDBResultBackend(ResultBackendBase):
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
         self._check_open()
-        self._check_id(group_id, "group id")
+        group_id = self._check_id(group_id, "group id")
         with self._driver(f"forget group {_brief(group_id)}"):
             self._groups.delete_one({"_id": group_id})
 
@@ -647,7 +649,7 @@ class MongoDBResultBackend(ResultBackendBase):
             ConfigurationError: ``amount`` not a 64-bit int, a refused ``key``.
         """
         self._check_open()
-        self._check_id(key, "counter key")
+        key = self._check_id(key, "counter key")
         if (
             isinstance(amount, bool)
             or not isinstance(amount, int)
@@ -672,8 +674,8 @@ class MongoDBResultBackend(ResultBackendBase):
             ConfigurationError: a refused ``key`` or ``member``.
         """
         self._check_open()
-        self._check_id(key, "counter key")
-        self._check_id(member, "member")
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         one = [{"$literal": member}]
         union = {"$setUnion": [{"$ifNull": ["$members", []]}, one]}
         with self._driver(f"add_member {_brief(key)}"):
@@ -685,7 +687,7 @@ class MongoDBResultBackend(ResultBackendBase):
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key``. Idempotent."""
         self._check_open()
-        self._check_id(key, "counter key")
+        key = self._check_id(key, "counter key")
         with self._driver(f"forget key {_brief(key)}"):
             self._counters.delete_one({"_id": key})
 

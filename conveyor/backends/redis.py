@@ -384,7 +384,8 @@ class RedisResultBackend(ResultBackendBase):
             EncodeError: the result cannot be serialized.
             OperationalError: the server failed (a retried write may have been applied).
         """
-        key = self.task_key(self._check_id(record.task_id, "task id"))
+        record = self._check_record(record)
+        key = self.task_key(record.task_id)
         value = self._encode(record)
         px = self._px(ttl)
         written = self._run(
@@ -562,7 +563,7 @@ class RedisResultBackend(ResultBackendBase):
             ConfigurationError: a refused key or member, the key holding a counter.
         """
         name = self._prefix + self._check_id(key, "counter key")
-        self._check_id(member, "member")
+        member = self._check_id(member, "member")
         px = self._px(ttl)
 
         def work() -> int:
@@ -583,8 +584,9 @@ class RedisResultBackend(ResultBackendBase):
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Write Celery's saved-group document (and publish it, as Celery does)."""
-        key = self.group_key(self._check_id(record.group_id, "group id"))
-        meta = group_meta(record.group_id, self._check_ids(record.task_ids, "group member"))
+        record = self._check_group(record)
+        key = self.group_key(record.group_id)
+        meta = group_meta(record.group_id, record.task_ids)
         done = record.date_done or datetime.now(_UTC)
         done = done.replace(tzinfo=_UTC) if done.tzinfo is None else done.astimezone(_UTC)
         meta["date_done"] = done.isoformat()

@@ -366,7 +366,7 @@ class RPCResultBackend(ResultBackendBase):
             ConnectionLost: the backend is closed.
         """
         self._check_open()
-        self._check_id(record.task_id, "task id")
+        record = self._check_record(record)
         destination, correlation, clean = self._route(record)
         if destination is not _MISSING and not destination:
             return
@@ -430,7 +430,7 @@ class RPCResultBackend(ResultBackendBase):
     def fetch(self, task_id: str) -> ResultRecord | None:
         """The latest state received for ``task_id`` (after draining the reply queue)."""
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         self._sync(self._deadline())
         with self._cond:
             return self._lookup(task_id)
@@ -455,7 +455,7 @@ class RPCResultBackend(ResultBackendBase):
             The ready record, or the latest non-ready one (or None) on timeout.
         """
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout:
             raise ConfigurationError(f"timeout must be a number of seconds, got {timeout!r}")
         deadline = time.monotonic() + max(0.0, float(timeout))
@@ -488,7 +488,7 @@ class RPCResultBackend(ResultBackendBase):
     def forget(self, task_id: str) -> None:
         """Drop what was received for ``task_id`` (after draining the reply queue)."""
         self._check_open()
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         self._sync(self._deadline())
         with self._cond:
             self._records.pop(task_id, None)

@@ -530,7 +530,10 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             # only where pickle was explicitly accepted (Celery reads them unconditionally).
             pickle_type = self._serializers.get("pickle").content_type
             if raw[:1] == b"\x80" and pickle_type in self._accept:
-                return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
+                try:
+                    return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
+                except Exception as exc:  # any unpickling failure: the row is unreadable
+                    raise DecodeError(f"cannot unpickle a stored value: {exc}") from exc
             raise
 
     def _expires(self, ttl: float | None) -> datetime | None:
@@ -558,9 +561,11 @@ class SQLAlchemyResultBackend(ResultBackendBase):
     # ------------------------------------------------------------------ store
     def _values(self, record: ResultRecord, ttl: float | None) -> dict[str, Any]:
         task_id = self._check_id(record.task_id, "task id")
-        for what, value in (("group id", record.group_id), ("parent id", record.parent_id)):
-            if value is not None:
-                self._check_id(value, what)
+        group_id, parent_id = record.group_id or None, record.parent_id or None
+        if group_id is not None:
+            group_id = self._check_id(group_id, "group id")
+        if parent_id is not None:
+            parent_id = self._check_id(parent_id, "parent id")
         meta = meta_from_record(record, include_task_id=False)
         done = record.date_done
         if done is None and record.state in READY_STATES:
@@ -573,8 +578,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             "traceback": text_value(record.traceback),
             "children": None if record.children is None else self._encode(record.children),
             "expires_at": self._expires(ttl),
-            "group_id": record.group_id or None,
-            "parent_id": record.parent_id or None,
+            "group_id": group_id,
+            "parent_id": parent_id,
         }
         extended = dict(record.extended)
         for key in _EXTENDED_TEXT:
@@ -718,7 +723,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             DecodeError, ContentDisallowed: the stored result cannot be decoded.
             OperationalError: the database failed.
         """
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         self._ensure_schema()
         t = self._tasks
 
@@ -757,7 +762,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget(self, task_id: str) -> None:
         """Delete the row of ``task_id``. Idempotent."""
-        self._check_id(task_id, "task id")
+        task_id = self._check_id(task_id, "task id")
         self._ensure_schema()
         t = self._tasks
         self._db.transaction(
@@ -768,8 +773,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save (or replace) the group row: Celery's encoded group tuple. One statement."""
-        group_id = self._check_id(record.group_id, "group id")
-        members = self._check_ids(record.task_ids, "group member")
+        record = self._check_group(record)
+        group_id, members = record.group_id, record.task_ids
         self._ensure_schema()
         done = record.date_done or datetime.now(_UTC)
         values = {
@@ -790,7 +795,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """The unexpired group or None (Celery's rows included)."""
-        self._check_id(group_id, "group id")
+        group_id = self._check_id(group_id, "group id")
         self._ensure_schema()
         g = self._groups
 
@@ -808,7 +813,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group row (not its members' results). Idempotent."""
-        self._check_id(group_id, "group id")
+        group_id = self._check_id(group_id, "group id")
         self._ensure_schema()
         g = self._groups
         self._db.transaction(
@@ -825,7 +830,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         """Atomically add ``amount`` to counter ``key`` (expired or missing: 0 first); set
         its expiry to ``ttl`` from now. One upsert ``RETURNING`` the value (MariaDB/MySQL:
         the upsert, then a read of the row it locked)."""
-        self._check_id(key, "counter key")
+        key = self._check_id(key, "counter key")
         if (
             isinstance(amount, bool)
             or not isinstance(amount, int)
@@ -866,8 +871,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         Atomic across processes: the key's head row is locked (upserted) first, so
         concurrent adders of one key serialise and each sees the others' members.
         """
-        self._check_id(key, "counter key")
-        self._check_id(member, "member")
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         self._ensure_schema()
         c = self._counters
         expires = self._expires(ttl)
@@ -915,7 +920,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key`` with all its members. Idempotent."""
-        self._check_id(key, "counter key")
+        key = self._check_id(key, "counter key")
         self._ensure_schema()
         c = self._counters
         self._db.transaction(

@@ -12,6 +12,7 @@ but the bases give, for free:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
 import threading
@@ -41,17 +42,17 @@ __all__ = [
 DEFAULT_RESULT_TTL = 86400.0
 _MAX_QUEUE_NAME = 200
 #: The longest task id, group id or counter key (in UTF-8 bytes) a result backend accepts by
-#: default. Ids are never trusted for size; backends whose store holds less refuse less.
+#: default. Ids are never trusted for size; backends whose store holds less refuse more.
 MAX_ID_BYTES = 1024
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlevel = 2
 
 
 def _shown(value: object) -> str:
     """A short, safe ``repr`` of an id for error messages (never a 10,000-character id)."""
+    short = reprlib.Repr()  # built per error: errors are rare, module state is not wanted
+    short.maxstring = short.maxother = 60
+    short.maxlevel = 2
     try:
-        return _repr.repr(value)
+        return short.repr(value)
     except Exception:  # a hostile __repr__ must not hide the real error
         return f"<{type(value).__name__}>"
 
@@ -69,15 +70,21 @@ def check_id(value: object, what: str = "task id", *, max_bytes: int = MAX_ID_BY
       one; a Celery client can send one);
     * at most ``max_bytes`` bytes as UTF-8.
 
+    Returns:
+        ``value`` itself, or a plain ``str`` copy of a ``str`` subclass (numpy's ``str_``...):
+        callers use the returned value.
+
     Raises:
         ConfigurationError: saying which rule ``value`` breaks. It is the caller's mistake
             (or the sender's): retrying cannot help, so it is never an ``OperationalError``.
     """
-    if not isinstance(value, str):
-        raise ConfigurationError(
-            f"{what} must be a str, got {type(value).__name__} {_shown(value)} "
-            "(ids are data, never queries)"
-        )
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise ConfigurationError(
+                f"{what} must be a str, got {type(value).__name__} {_shown(value)} "
+                "(ids are data, never queries)"
+            )
+        value = str.__str__(value)  # a plain copy: a subclass's methods could say anything
     if not value:
         raise ConfigurationError(f"{what} must not be empty")
     if "\x00" in value:
@@ -265,6 +272,21 @@ class ResultBackendBase(_Closable):
         group member or counter key), else raise ``ConfigurationError``. Override to refine
         (call ``super()`` first)."""
         return check_id(value, what, max_bytes=self.max_id_bytes)
+
+    def _check_record(self, record: ResultRecord) -> ResultRecord:
+        """``record`` with its task id checked (as a plain ``str``)."""
+        task_id = self._check_id(record.task_id, "task id")
+        if task_id is record.task_id:
+            return record
+        return dataclasses.replace(record, task_id=task_id)
+
+    def _check_group(self, record: GroupRecord) -> GroupRecord:
+        """``record`` with its group id and members checked (plain ``str``, a tuple)."""
+        group_id = self._check_id(record.group_id, "group id")
+        members = tuple(self._check_ids(record.task_ids, "group member"))
+        if group_id is record.group_id and members == record.task_ids:
+            return record
+        return dataclasses.replace(record, group_id=group_id, task_ids=members)
 
     def _check_ids(self, values: object, what: str = "task id") -> list[str]:
         """Every id of a sequence of ids, checked; a lone ``str`` (or bytes, or a mapping)

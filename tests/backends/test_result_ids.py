@@ -80,6 +80,54 @@ def test_an_id_with_a_hostile_repr_is_still_refused_clearly() -> None:
         check_id(Hostile())
 
 
+class _Liar(str):
+    """A str subclass whose methods lie about its content."""
+
+    def __contains__(self, item: object) -> bool:
+        return False
+
+    def isascii(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"x"
+
+    def __str__(self) -> str:
+        return "something-else"
+
+    def __format__(self, spec: str) -> str:
+        return "something-else"
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def test_a_str_subclass_is_checked_by_its_content_and_used_as_a_plain_str() -> None:
+    for hidden in ("a\x00b", "a\ud800b", "é" * 600):
+        with pytest.raises(ConfigurationError):
+            check_id(_Liar(hidden))
+    plain = check_id(_Liar("an-honest-id"))
+    assert type(plain) is str
+    assert plain == "an-honest-id"
+
+
+def test_a_str_subclass_id_is_stored_under_its_content(backend: MemoryResultBackend) -> None:
+    backend.store(ResultRecord(_Liar("liar-1"), State.SUCCESS, 1), ttl=60)
+    backend.store(ResultRecord("liar-2", State.SUCCESS, 2), ttl=60)
+    one = backend.fetch("liar-1")
+    assert one is not None
+    assert (type(one.task_id), one.task_id, one.result) == (str, "liar-1", 1)
+    two = backend.fetch(_Liar("liar-2"))  # its __eq__/__hash__ would match anything
+    assert two is not None
+    assert two.result == 2
+
+
 def test_validate_task_id_is_part_of_the_result_backend_contract() -> None:
     assert hasattr(ResultBackend, "validate_task_id")
     assert ResultBackend.validate_task_id.__doc__
