@@ -53,6 +53,20 @@ Celery compatibility (celery-wire.md 4.7):
   ``n`` may vanish up to a second early: TTLs are rounded up and one second is added, so an
   entry lives at least ``ttl`` and at most ``ttl + 2`` seconds.
 * Counters and sets use keys ``conveyor-counter-<key>`` (never a result key).
+
+Ids:
+    Task ids, group ids, group members and counter keys follow the rules of
+    :meth:`~conveyor.core.base.ResultBackendBase.validate_task_id` (a non-empty ``str``, no
+    NUL, valid UTF-8, at most 1024 bytes), and must also make memcached keys as Celery's
+    client sends them: printable ASCII without spaces (memcached refuses white space and
+    control characters; pymemcache, Celery's client, refuses non-ASCII keys), and at most
+    230 characters minus ``global_keyprefix`` (the longest key, ``<prefix>celery-taskset-
+    meta-<id>``, is at most 250 bytes; one length for every kind of id). Any other id raises
+    ``ConfigurationError`` saying which rule it breaks, on every method, before any server
+    is asked, so ``validate_task_id`` refuses it at publish time. Refusing rather than
+    encoding such ids (e.g. hashing them) keeps one key layout, Celery's: the ids refused are
+    the ones Celery cannot store in memcached either (only the length rule is stricter, by
+    the prefix of group keys).
 """
 
 from __future__ import annotations
@@ -76,6 +90,7 @@ from pymemcache.exceptions import (
     MemcacheIllegalInputError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
+    MemcacheUnknownCommandError,
 )
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
@@ -112,6 +127,9 @@ _DEFAULT_PORT = 11211
 _TASK_PREFIX = "celery-task-meta-"
 _GROUP_PREFIX = "celery-taskset-meta-"
 _COUNTER_PREFIX = "conveyor-counter-"
+_MAX_KEY_BYTES = 250
+#: The longest global_keyprefix that leaves room for a 36-character id in every key.
+_MAX_PREFIX = _MAX_KEY_BYTES - len(_GROUP_PREFIX) - 36
 _FETCH_CHUNK = 500
 _UTC = timezone.utc
 _SUCCESS = State.SUCCESS.value
@@ -142,7 +160,9 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
     * illegal keys (spaces, control characters, over 250 bytes) -> ConfigurationError;
     * "object too large" -> :class:`EncodeError` (a value over the item size limit, 1 MiB
       by default);
-    * other server/client errors -> :class:`OperationalError`.
+    * the server's ``CLIENT_ERROR`` replies (a malformed request; retrying sends the same)
+      and unknown commands -> ConfigurationError;
+    * other server errors (``SERVER_ERROR out of memory``, ...) -> :class:`OperationalError`.
     """
     where = f"{what} on {mask_url(url)}"
     detail = mask_url((str(exc).strip().splitlines() or [""])[0][:300]) or type(exc).__name__
@@ -156,6 +176,8 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
         return EncodeError(f"{where}: value larger than the server's item size limit: {detail}")
     if isinstance(exc, MemcacheError) and "servers seem to be down" in detail:
         return ConnectionLost(f"{where}: {detail}")
+    if isinstance(exc, MemcacheClientError | MemcacheUnknownCommandError):
+        return ConfigurationError(f"{where}: the server refused the request: {detail}")
     return OperationalError(f"{where}: {detail}")
 
 
@@ -235,8 +257,28 @@ class MemcachedResultBackendOptions:
                 raise ConfigurationError(f"{name} must be a positive number of seconds: {value!r}")
         if self.max_pool_size is not None and self.max_pool_size < 1:
             raise ConfigurationError(f"max_pool_size must be >= 1: {self.max_pool_size!r}")
-        if any(c.isspace() or ord(c) < 32 for c in self.global_keyprefix):
-            raise ConfigurationError("global_keyprefix may not contain spaces or control chars")
+        if not _plain(self.global_keyprefix):
+            raise ConfigurationError(
+                "global_keyprefix must be printable ASCII without spaces (a memcached key)"
+            )
+        if len(_celery_prefix(self.global_keyprefix)) > _MAX_PREFIX:
+            raise ConfigurationError(
+                f"global_keyprefix is longer than {_MAX_PREFIX - 1} characters: keys are at "
+                f"most {_MAX_KEY_BYTES} bytes"
+            )
+
+
+def _plain(text: str) -> bool:
+    """True if ``text`` may be part of a memcached key as it is, for every client: printable
+    ASCII, no space (memcached refuses white space and control characters; pymemcache,
+    Celery's client, refuses non-ASCII)."""
+    return text.isascii() and all(32 < ord(c) < 127 for c in text)
+
+
+def _brief(name: str) -> str:
+    """An id as error messages show it: its ``repr``, cut short."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _celery_prefix(prefix: str) -> str:
@@ -290,6 +332,7 @@ class MemcachedResultBackend(ResultBackendBase):
         self._task_prefix = prefix + _TASK_PREFIX
         self._group_prefix = prefix + _GROUP_PREFIX
         self._counter_prefix = prefix + _COUNTER_PREFIX
+
         self._client: Any = client if client is not None else self._make_client()
         self._closed = False
 
@@ -342,10 +385,29 @@ class MemcachedResultBackend(ResultBackendBase):
                 raise ConnectionLost(f"{self!r} is closed") from exc
             raise translate_error(exc, what=what, url=self.url) from exc
 
-    def _key(self, prefix: str, name: str) -> str:
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"ids and keys must be non-empty strings, got {name!r}")
-        return prefix + name
+    def _check_id(self, value: object, what: str) -> str:
+        """The base rules, then memcached's (see Ids in the module docstring). One rule for
+        every kind of id: the longest key prefix (a group's) decides the length."""
+        name = super()._check_id(value, what)
+        if not _plain(name):
+            bad = next(c for c in name if not 32 < ord(c) < 127)
+            raise ConfigurationError(
+                f"{what} {_brief(name)} cannot be part of a memcached key: it contains "
+                f"{bad!r}, and memcached keys are printable ASCII without spaces or control "
+                "characters"
+            )
+        if len(self._group_prefix) + len(name) > _MAX_KEY_BYTES:
+            raise ConfigurationError(
+                f"{what} {_brief(name)} is {len(name)} characters long; with the key prefix "
+                f"{self._group_prefix!r} memcached keys allow "
+                f"{_MAX_KEY_BYTES - len(self._group_prefix)}"
+            )
+        return name
+
+    def _key(self, prefix: str, name: str, what: str) -> str:
+        """The memcached key of id ``name`` (checked: ``ConfigurationError`` saying why
+        there is none)."""
+        return prefix + self._check_id(name, what)
 
     def _exptime(self, ttl: float | None) -> int:
         seconds = self._ttl(ttl)
@@ -384,7 +446,7 @@ class MemcachedResultBackend(ResultBackendBase):
         """Save ``record``; a stored SUCCESS is kept (``gets`` + ``cas``/``add``: atomic).
 
         Raises:
-            ConfigurationError: empty or illegal task id (spaces, over 250 bytes), bad ttl.
+            ConfigurationError: a refused task id (see ``validate_task_id``), bad ttl.
             EncodeError: the result cannot be serialized or exceeds the item size limit.
             OperationalError: a server could not be reached.
         """
@@ -394,10 +456,11 @@ class MemcachedResultBackend(ResultBackendBase):
             raise ConfigurationError(f"unknown task state {record.state!r}") from None
         if state is not record.state:
             record = dataclasses.replace(record, state=state)
-        key = self._key(self._task_prefix, record.task_id)
+        record = self._check_record(record)
+        key = self._task_prefix + record.task_id
         value = encode_meta(record, self._serializer.name, self._serializers)
         expire = self._exptime(ttl)
-        what = f"store result {record.task_id!r}"
+        what = f"store result {_brief(record.task_id)}"
         deadline = time.monotonic() + self.options.contention_timeout
         with self._driver(what):
             for attempt in itertools.count():
@@ -413,18 +476,18 @@ class MemcachedResultBackend(ResultBackendBase):
 
     def fetch(self, task_id: str) -> ResultRecord | None:
         """Return the record for ``task_id``, or ``None`` if unknown, expired or evicted."""
-        key = self._key(self._task_prefix, task_id)
-        with self._driver(f"fetch result {task_id!r}"):
+        key = self._key(self._task_prefix, task_id, "task id")
+        with self._driver(f"fetch result {_brief(task_id)}"):
             raw = self._client.get(key)
         return None if raw is None else self._decode_record(raw, task_id)
 
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Return the records found for ``task_ids``: one multi-get per server and chunk."""
-        wanted = list(dict.fromkeys(task_ids))
+        wanted = list(dict.fromkeys(self._check_ids(task_ids)))
         found: dict[str, ResultRecord] = {}
         for start in range(0, len(wanted), _FETCH_CHUNK):
             chunk = wanted[start : start + _FETCH_CHUNK]
-            keys = {self._key(self._task_prefix, t): t for t in chunk}
+            keys = {self._key(self._task_prefix, t, "task id"): t for t in chunk}
             with self._driver(f"fetch {len(chunk)} results"):
                 values = self._client.get_many(list(keys))
             for key, raw in values.items():
@@ -435,8 +498,8 @@ class MemcachedResultBackend(ResultBackendBase):
 
     def forget(self, task_id: str) -> None:
         """Delete the record for ``task_id``. Idempotent."""
-        key = self._key(self._task_prefix, task_id)
-        with self._driver(f"forget result {task_id!r}"):
+        key = self._key(self._task_prefix, task_id, "task id")
+        with self._driver(f"forget result {_brief(task_id)}"):
             self._client.delete(key, noreply=False)
 
     def close(self) -> None:
@@ -450,20 +513,21 @@ class MemcachedResultBackend(ResultBackendBase):
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save the membership of ``record.group_id`` in Celery's saved-group format."""
-        key = self._key(self._group_prefix, record.group_id)
-        meta = group_meta(record.group_id, [str(t) for t in record.task_ids])
+        record = self._check_group(record)
+        key = self._group_prefix + record.group_id
+        meta = group_meta(record.group_id, record.task_ids)
         done = record.date_done or datetime.now(_UTC)
         if done.tzinfo is None:
             done = done.replace(tzinfo=_UTC)
         meta["date_done"] = done.astimezone(_UTC).isoformat()
         value, _, _ = self._serializers.encode(meta, self._serializer.name)
-        with self._driver(f"store group {record.group_id!r}"):
+        with self._driver(f"store group {_brief(record.group_id)}"):
             self._client.set(key, value, expire=self._exptime(ttl), noreply=False)
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """Return the group or ``None`` if unknown, expired or evicted."""
-        key = self._key(self._group_prefix, group_id)
-        with self._driver(f"fetch group {group_id!r}"):
+        key = self._key(self._group_prefix, group_id, "group id")
+        with self._driver(f"fetch group {_brief(group_id)}"):
             raw = self._client.get(key)
         if raw is None:
             return None
@@ -472,8 +536,8 @@ class MemcachedResultBackend(ResultBackendBase):
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
-        key = self._key(self._group_prefix, group_id)
-        with self._driver(f"forget group {group_id!r}"):
+        key = self._key(self._group_prefix, group_id, "group id")
+        with self._driver(f"forget group {_brief(group_id)}"):
             self._client.delete(key, noreply=False)
 
     # ------------------------------------------------------------------ counters
@@ -490,9 +554,9 @@ class MemcachedResultBackend(ResultBackendBase):
         """
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise ConfigurationError(f"amount must be an int, got {amount!r}")
-        name = self._key(self._counter_prefix, key)
+        name = self._key(self._counter_prefix, key, "counter key")
         expire = self._exptime(ttl)
-        what = f"incr {key!r}"
+        what = f"incr {_brief(key)}"
         deadline = time.monotonic() + self.options.contention_timeout
         with self._driver(what):
             for attempt in itertools.count():
@@ -538,11 +602,10 @@ class MemcachedResultBackend(ResultBackendBase):
         Raises:
             ConfigurationError: bad key, ``member`` not a string.
         """
-        if not isinstance(member, str):
-            raise ConfigurationError(f"member must be a string, got {member!r}")
-        name = self._key(self._counter_prefix, key)
+        name = self._key(self._counter_prefix, key, "counter key")
+        member = self._check_id(member, "member")
         expire = self._exptime(ttl)
-        what = f"add_member {key!r}"
+        what = f"add_member {_brief(key)}"
         deadline = time.monotonic() + self.options.contention_timeout
         with self._driver(what):
             for attempt in itertools.count():
@@ -568,6 +631,6 @@ class MemcachedResultBackend(ResultBackendBase):
 
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key``. Idempotent."""
-        name = self._key(self._counter_prefix, key)
-        with self._driver(f"forget key {key!r}"):
+        name = self._key(self._counter_prefix, key, "counter key")
+        with self._driver(f"forget key {_brief(key)}"):
             self._client.delete(name, noreply=False)

@@ -30,12 +30,23 @@ Options (keyword > URL query > default, see :func:`conveyor.core.options.build_o
     default_ttl (float seconds or None, default 86400.0): lifetime of a record, group or
         counter stored with ``ttl=None``. ``None`` or ``0`` keeps entries until forgotten;
         that must be asked for explicitly (no "forever" default).
+    serializer (str, default ``json``): the result serializer every record must be
+        encodable with (see Values).
 
 Values:
     Records are stored as given, not serialized: ``result``, ``children`` and ``extended``
     are deep-copied on the way in and on the way out, so no caller shares mutable state with
-    the store (as with a serializing backend), but values that JSON could not carry are not
-    refused here.
+    the store (as with a serializing backend). ``store`` does encode the record's meta
+    document with ``serializer`` once and raises :class:`~conveyor.core.errors.EncodeError`
+    when it cannot, exactly where a real store would: a task whose return value JSON cannot
+    carry fails here as it would on Redis, instead of working only in tests.
+
+Ids:
+    The rules of :meth:`~conveyor.core.base.ResultBackendBase.validate_task_id` (a non-empty
+    ``str``, no NUL, valid UTF-8, at most 1024 bytes), for task ids, group ids, group members
+    and counter keys on every method; a refused id raises
+    :class:`~conveyor.core.errors.ConfigurationError` and touches nothing. Every other id is
+    stored and read back exactly.
 
 Thread-safety:
     A backend instance may be shared by the threads of one process, and any number of
@@ -61,9 +72,11 @@ from typing import Any, ClassVar, Final, Literal
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
+from conveyor.core.celery import meta_from_record
 from conveyor.core.errors import ConfigurationError, ConnectionLost, InvalidURL
 from conveyor.core.options import build_options
 from conveyor.core.protocols import describe
+from conveyor.core.serializers import default_serializers
 from conveyor.core.types import GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_url, parse_url
 
@@ -93,12 +106,15 @@ class MemoryResultBackendOptions:
     Attributes:
         default_ttl: seconds an entry stored with ``ttl=None`` lives; ``None`` or ``0``
             keeps it until forgotten (explicit configuration only).
+        serializer: the result serializer a stored record must be encodable with.
     """
 
     default_ttl: float | None = DEFAULT_RESULT_TTL
+    serializer: str = "json"
 
     def __post_init__(self) -> None:
         _check_seconds(self.default_ttl, "default_ttl")
+        default_serializers.get(self.serializer)  # unknown or missing: fail now
 
 
 class _Entry:
@@ -413,11 +429,6 @@ class MemoryResultBackend(ResultBackendBase):
         effective = self._ttl(ttl)
         return None if effective is None or math.isinf(effective) else effective
 
-    @staticmethod
-    def _check_id(value: str, what: str) -> None:
-        if not isinstance(value, str) or not value:
-            raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
-
     # ---- ResultBackend
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         """Save ``record``; a stored SUCCESS is kept and the call is a no-op.
@@ -426,35 +437,40 @@ class MemoryResultBackend(ResultBackendBase):
         state is ready.
 
         Raises:
-            ConfigurationError: empty task id, unknown state, negative or NaN ``ttl``.
+            ConfigurationError: a refused task id (see ``validate_task_id``), unknown state,
+                negative or NaN ``ttl``.
+            EncodeError: the record cannot be encoded with ``serializer``.
             ConnectionLost: this client is closed.
         """
         self._check_open()
-        self._check_id(record.task_id, "task_id")
+        record = self._check_record(record)
         try:
             state = State(record.state)
         except ValueError:
             raise ConfigurationError(f"unknown task state {record.state!r}") from None
         if state is not record.state:
             record = dataclasses.replace(record, state=state)
-        self._store.store(_isolated(record), self._effective_ttl(ttl))
+        effective = self._effective_ttl(ttl)
+        default_serializers.encode(meta_from_record(record), self.options.serializer)
+        self._store.store(_isolated(record), effective)
 
     def fetch(self, task_id: str) -> ResultRecord | None:
         """Return the record for ``task_id``, or ``None`` if unknown or expired. Non-blocking."""
         self._check_open()
+        task_id = self._check_id(task_id, "task id")
         record = self._store.fetch_many((task_id,)).get(task_id)
         return None if record is None else _isolated(record)
 
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Return the live records among ``task_ids`` in one lock acquisition."""
         self._check_open()
-        found = self._store.fetch_many(task_ids)
+        found = self._store.fetch_many(self._check_ids(task_ids))
         return {task_id: _isolated(record) for task_id, record in found.items()}
 
     def forget(self, task_id: str) -> None:
         """Delete the record for ``task_id``. Idempotent."""
         self._check_open()
-        self._store.forget(task_id)
+        self._store.forget(self._check_id(task_id, "task id"))
 
     def close(self) -> None:
         """Mark this client closed and wake its waiters. Idempotent; the store stays intact."""
@@ -474,6 +490,7 @@ class MemoryResultBackend(ResultBackendBase):
             ConnectionLost: this client is (or gets) closed.
         """
         self._check_open()
+        task_id = self._check_id(task_id, "task id")
         _check_seconds(timeout, "timeout")
         record = self._store.wait(task_id, float(timeout), lambda: self._closed)
         return None if record is None else _isolated(record)
@@ -486,7 +503,7 @@ class MemoryResultBackend(ResultBackendBase):
             ConfigurationError: ``amount`` not an int, ``key`` empty or holding a set.
         """
         self._check_open()
-        self._check_id(key, "key")
+        key = self._check_id(key, "counter key")
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise ConfigurationError(f"amount must be an int, got {amount!r}")
         return self._store.incr(key, amount, self._effective_ttl(ttl))
@@ -495,38 +512,35 @@ class MemoryResultBackend(ResultBackendBase):
         """Atomically add ``member`` to set ``key``; return its size. Idempotent per member.
 
         Raises:
-            ConfigurationError: ``key`` empty or holding a counter; ``member`` not a string.
+            ConfigurationError: ``key`` or ``member`` refused (the id rules), ``key`` holding
+                a counter.
         """
         self._check_open()
-        self._check_id(key, "key")
-        if not isinstance(member, str):
-            raise ConfigurationError(f"member must be a string, got {member!r}")
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         return self._store.add_member(key, member, self._effective_ttl(ttl))
 
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key``. Idempotent."""
         self._check_open()
-        self._store.forget_key(key)
+        self._store.forget_key(self._check_id(key, "counter key"))
 
     # ---- groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save the membership of ``record.group_id`` (replacing any previous one)."""
         self._check_open()
-        self._check_id(record.group_id, "group_id")
-        task_ids: Any = record.task_ids  # callers may pass a list despite the annotation
-        if not isinstance(task_ids, tuple):
-            record = dataclasses.replace(record, task_ids=tuple(task_ids))
+        record = self._check_group(record)
         self._store.store_group(record, self._effective_ttl(ttl))
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """Return the group or ``None`` if unknown or expired."""
         self._check_open()
-        return self._store.fetch_group(group_id)
+        return self._store.fetch_group(self._check_id(group_id, "group id"))
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
         self._check_open()
-        self._store.forget_group(group_id)
+        self._store.forget_group(self._check_id(group_id, "group id"))
 
     # ---- expiry sweep
     def purge_expired(self, *, batch_size: int = 1000) -> int:

@@ -55,6 +55,19 @@ Celery compatibility (celery-wire.md 4.6; ``docs/backends/mongodb.md``):
 * Times: the client clock; ``date_done`` in UTC. Needs MongoDB 4.4 or later (pipeline
   updates and aggregation expressions in ``find_one_and_update`` projections, used by the
   counters).
+
+Ids are data, never queries: every task id, group id, group member and counter key is
+checked with :meth:`~conveyor.core.base.ResultBackendBase.validate_task_id`'s rules (a
+non-empty ``str``, no NUL, valid UTF-8, at most 1024 bytes) on every read, write and delete,
+before any filter is built. A ``dict`` such as ``{"$ne": None}`` or ``{"$regex": "."}`` would
+otherwise be a query operator (reading, enumerating or deleting other tasks' results); it
+raises ``ConfigurationError``. Any other string is stored and read back exactly.
+
+Documents: a value BSON cannot hold (a lone surrogate, a NUL in a key, a non-string key, an
+unknown type), an ``extended`` field whose name starts with ``$`` or contains ``.`` (no
+top-level field of a replacement document may), or a document the server refuses as such
+(codes 2, 52, 55, 56, 57) raises :class:`~conveyor.core.errors.EncodeError`, never an
+``OperationalError``: a retry would send the same document.
 """
 
 from __future__ import annotations
@@ -80,6 +93,7 @@ from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
     DecodeError,
+    EncodeError,
     OperationTimeout,
 )
 from conveyor.core.options import build_options
@@ -100,6 +114,9 @@ _UTC = timezone.utc
 _SUCCESS = State.SUCCESS.value
 _FETCH_CHUNK = 1000
 _UPSERT_ATTEMPTS = 5
+#: Server codes that refuse a document as such (bad value, ``$``-prefixed, DBRef, empty or
+#: dotted field name): a retry sends the same document.
+_DOCUMENT_REFUSED = frozenset({2, 52, 55, 56, 57})
 #: Fields of a task document that are not result meta keys.
 _STORAGE_FIELDS = frozenset({"_id", "expires_at"})
 #: Meta keys an ``extended`` mapping may not overwrite in a task document.
@@ -175,6 +192,12 @@ class MongoDBResultBackendOptions:
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(MongoDBResultBackendOptions))
+
+
+def _brief(value: str) -> str:
+    """An id as error messages show it: its ``repr``, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _aware(value: Any) -> Any:
@@ -258,7 +281,9 @@ class MongoDBResultBackend(ResultBackendBase):
         except mongo_errors.PyMongoError as exc:
             raise translate_error(exc, what="create client", url=url) from exc
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad MongoDB URL {mask_url(url)!r}: {exc}") from None
+            raise ConfigurationError(
+                f"bad MongoDB URL {mask_url(url)!r}: {mask_url(str(exc))}"
+            ) from None
         try:
             return cls(client, opts, serializers=serializers, url=url, _owns_client=True)
         except BaseException:
@@ -283,6 +308,10 @@ class MongoDBResultBackend(ResultBackendBase):
             if self._closed:
                 raise ConnectionLost(f"{self!r} is closed") from exc
             raise translate_error(exc, what=what, url=self.url) from exc
+        except UnicodeEncodeError as exc:  # BSON strings are UTF-8: a lone surrogate
+            raise EncodeError(f"{what} on {self!r}: BSON cannot hold the text: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"{what} on {self!r}: a stored string is not UTF-8: {exc}") from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -398,7 +427,15 @@ class MongoDBResultBackend(ResultBackendBase):
             doc["group_id"] = record.group_id
         if record.parent_id:
             doc["parent_id"] = record.parent_id
-        doc.update((k, v) for k, v in record.extended.items() if k not in _RESERVED)
+        for key, value in record.extended.items():
+            if key in _RESERVED:
+                continue
+            if not isinstance(key, str) or not key or key.startswith("$") or "." in key:
+                raise EncodeError(
+                    f"extended field {key!r} cannot be a MongoDB field name (a top-level field "
+                    "may not be empty, start with '$' or contain '.')"
+                )
+            doc[key] = value
         expires = self._expires_at(ttl, now)
         if expires is not None:
             doc["expires_at"] = expires
@@ -414,21 +451,29 @@ class MongoDBResultBackend(ResultBackendBase):
         return record_from_meta(meta, task_id)
 
     @staticmethod
-    def _check_id(value: Any, what: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
-        return value
+    @contextlib.contextmanager
+    def _document_refusals(what: str) -> Iterator[None]:
+        """Server refusals of a document as such become ``EncodeError`` (not transient)."""
+        try:
+            yield
+        except mongo_errors.OperationFailure as exc:
+            if exc.code not in _DOCUMENT_REFUSED:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise EncodeError(f"{what}: the server refused the document: {first}") from exc
 
     # ------------------------------------------------------------------ ResultBackend
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         """Save ``record``; a live SUCCESS is never replaced (one conditional upsert).
 
         Raises:
-            ConfigurationError: empty task id, bad ``ttl``.
-            EncodeError: the result cannot be serialized, or the document exceeds 16 MiB.
+            ConfigurationError: a refused task id (see ``validate_task_id``), bad ``ttl``.
+            EncodeError: the result cannot be serialized, the document exceeds 16 MiB or
+                holds what BSON or the server refuses (see Documents above).
             OperationalError: the server could not be reached.
         """
-        self._check_id(record.task_id, "task_id")
+        self._check_open()
+        record = self._check_record(record)
         try:
             state = State(record.state)
         except ValueError:
@@ -438,7 +483,8 @@ class MongoDBResultBackend(ResultBackendBase):
         now = datetime.now(_UTC)
         doc = self._task_document(record, now, ttl)
         task_id = record.task_id
-        with self._driver(f"store result {task_id!r}"):
+        what = f"store result {_brief(task_id)}"
+        with self._driver(what), self._document_refusals(what):
             for _ in range(_UPSERT_ATTEMPTS):
                 try:
                     # Celery 5.7's write: replace anything but a SUCCESS, or insert.
@@ -459,13 +505,15 @@ class MongoDBResultBackend(ResultBackendBase):
                     return  # a live SUCCESS: a redelivered duplicate never replaces it
                 # The document changed or vanished between our steps: decide again.
         raise OperationTimeout(
-            f"store result {task_id!r} on {mask_url(self.url)}: still contended after "
+            f"store result {_brief(task_id)} on {mask_url(self.url)}: still contended after "
             f"{_UPSERT_ATTEMPTS} attempts"
         )
 
     def fetch(self, task_id: str) -> ResultRecord | None:
         """Return the record for ``task_id``, or ``None`` if unknown or expired."""
-        with self._driver(f"fetch result {task_id!r}"):
+        self._check_open()
+        task_id = self._check_id(task_id, "task id")
+        with self._driver(f"fetch result {_brief(task_id)}"):
             doc = self._tasks.find_one({"_id": task_id})
         if doc is None or not self._alive(doc, datetime.now(_UTC)):
             return None
@@ -473,7 +521,8 @@ class MongoDBResultBackend(ResultBackendBase):
 
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Return the live records among ``task_ids``: one query per 1000 ids."""
-        wanted = list(dict.fromkeys(task_ids))
+        self._check_open()
+        wanted = list(dict.fromkeys(self._check_ids(task_ids)))
         found: dict[str, ResultRecord] = {}
         for start in range(0, len(wanted), _FETCH_CHUNK):
             chunk = wanted[start : start + _FETCH_CHUNK]
@@ -488,7 +537,9 @@ class MongoDBResultBackend(ResultBackendBase):
 
     def forget(self, task_id: str) -> None:
         """Delete the record for ``task_id``. Idempotent."""
-        with self._driver(f"forget result {task_id!r}"):
+        self._check_open()
+        task_id = self._check_id(task_id, "task id")
+        with self._driver(f"forget result {_brief(task_id)}"):
             self._tasks.delete_one({"_id": task_id})
 
     def close(self) -> None:
@@ -503,22 +554,26 @@ class MongoDBResultBackend(ResultBackendBase):
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save the membership of ``record.group_id`` (replacing any previous one), as
         Celery does: ``result`` = the encoded list of member ids, ``date_done``."""
-        self._check_id(record.group_id, "group_id")
+        self._check_open()
+        record = self._check_group(record)
+        members = list(record.task_ids)
         now = datetime.now(_UTC)
         doc: dict[str, Any] = {
             "_id": record.group_id,
-            "result": self._encode([str(t) for t in record.task_ids]),
+            "result": self._encode(members),
             "date_done": _aware(record.date_done) or now,
         }
         expires = self._expires_at(ttl, now)
         if expires is not None:
             doc["expires_at"] = expires
-        with self._driver(f"store group {record.group_id!r}"):
+        with self._driver(f"store group {_brief(record.group_id)}"):
             self._groups.replace_one({"_id": record.group_id}, doc, upsert=True)
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """Return the group or ``None`` if unknown or expired."""
-        with self._driver(f"fetch group {group_id!r}"):
+        self._check_open()
+        group_id = self._check_id(group_id, "group id")
+        with self._driver(f"fetch group {_brief(group_id)}"):
             doc = self._groups.find_one({"_id": group_id})
         if doc is None or not self._alive(doc, datetime.now(_UTC)):
             return None
@@ -527,7 +582,9 @@ class MongoDBResultBackend(ResultBackendBase):
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
-        with self._driver(f"forget group {group_id!r}"):
+        self._check_open()
+        group_id = self._check_id(group_id, "group id")
+        with self._driver(f"forget group {_brief(group_id)}"):
             self._groups.delete_one({"_id": group_id})
 
     # ------------------------------------------------------------------ counters
@@ -579,7 +636,7 @@ class MongoDBResultBackend(ResultBackendBase):
             with contextlib.suppress(mongo_errors.DuplicateKeyError):
                 self._counters.insert_one(dict(seed))
         raise OperationTimeout(
-            f"counter {key!r} on {mask_url(self.url)}: deleted again and again while being "
+            f"counter {_brief(key)} on {mask_url(self.url)}: deleted again and again while being "
             f"created ({_UPSERT_ATTEMPTS} attempts)"
         )
 
@@ -589,13 +646,18 @@ class MongoDBResultBackend(ResultBackendBase):
         with ``insert_one`` first.
 
         Raises:
-            ConfigurationError: ``amount`` not an int, ``key`` empty.
+            ConfigurationError: ``amount`` not a 64-bit int, a refused ``key``.
         """
-        self._check_id(key, "key")
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise ConfigurationError(f"amount must be an int, got {amount!r}")
+        self._check_open()
+        key = self._check_id(key, "counter key")
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int)
+            or not -(2**63) <= amount < 2**63
+        ):
+            raise ConfigurationError(f"amount must be a 64-bit int, got {amount!r}")
         added = {"$add": [{"$ifNull": ["$value", 0]}, {"$literal": amount}]}
-        with self._driver(f"incr {key!r}"):
+        with self._driver(f"incr {_brief(key)}"):
             doc = self._counter_update(
                 key, {"$literal": amount}, added, ttl, {"_id": 0, "value": 1}
             )
@@ -609,14 +671,14 @@ class MongoDBResultBackend(ResultBackendBase):
         step (projection ``$size``), so concurrent adders each see a distinct count.
 
         Raises:
-            ConfigurationError: ``key`` empty or ``member`` not a string.
+            ConfigurationError: a refused ``key`` or ``member``.
         """
-        self._check_id(key, "key")
-        if not isinstance(member, str):
-            raise ConfigurationError(f"member must be a string, got {member!r}")
+        self._check_open()
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         one = [{"$literal": member}]
         union = {"$setUnion": [{"$ifNull": ["$members", []]}, one]}
-        with self._driver(f"add_member {key!r}"):
+        with self._driver(f"add_member {_brief(key)}"):
             doc = self._counter_update(
                 key, one, union, ttl, {"_id": 0, "size": {"$size": "$members"}}
             )
@@ -624,7 +686,9 @@ class MongoDBResultBackend(ResultBackendBase):
 
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key``. Idempotent."""
-        with self._driver(f"forget key {key!r}"):
+        self._check_open()
+        key = self._check_id(key, "counter key")
+        with self._driver(f"forget key {_brief(key)}"):
             self._counters.delete_one({"_id": key})
 
     # ------------------------------------------------------------------ expiry sweep
@@ -639,6 +703,7 @@ class MongoDBResultBackend(ResultBackendBase):
         Raises:
             ConfigurationError: ``batch_size`` < 1.
         """
+        self._check_open()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
         total = 0

@@ -48,6 +48,19 @@ Celery compatibility (celery-wire.md 4.4):
 * Counters and sets are ours: ``<prefix><key>`` as given to ``incr``/``add_member``.
 * Celery 5.7's compressed payloads (``\\x00celery-compressed\\x00<mime>\\x00<bytes>``) are
   read whatever ``compression`` says, as Celery does.
+
+Ids:
+    The rules of :meth:`~conveyor.core.base.ResultBackendBase.validate_task_id` (a non-empty
+    ``str``, no NUL, valid UTF-8, at most 1024 bytes) for task ids, group ids, group members
+    and counter keys on every method; anything else is stored and read back exactly (Redis
+    keys are binary-safe: spaces, control characters and any Unicode are fine).
+
+Errors:
+    Connection failures and timeouts are :class:`~conveyor.core.errors.OperationalError`
+    (``redis_errors``). Replies that no retry can change are not: a key holding another type
+    (``WRONGTYPE``) or a counter out of range raises ``ConfigurationError`` on writes and
+    ``DecodeError`` on reads; redis-py refusing an argument (``DataError``) raises
+    ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -76,7 +89,7 @@ from conveyor.core.celery import (
     group_meta,
 )
 from conveyor.core.compression import compress, decompress
-from conveyor.core.errors import ConfigurationError, ConnectionLost, DecodeError
+from conveyor.core.errors import ConfigurationError, ConnectionLost, ConveyorError, DecodeError
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import GroupRecord, ResultRecord, State
@@ -93,6 +106,8 @@ TASK_KEY = "celery-task-meta-"
 GROUP_KEY = "celery-taskset-meta-"
 _FETCH_CHUNK = 1000
 _UTC = timezone.utc
+#: Error replies that say the request itself is wrong: retrying cannot change them.
+_REFUSALS = ("WRONGTYPE", "not an integer or out of range", "would overflow")
 
 T = TypeVar("T")
 
@@ -301,11 +316,19 @@ class RedisResultBackend(ResultBackendBase):
         return self._client
 
     # ------------------------------------------------------------------ plumbing
-    def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    def _run(self, what: str, fn: Callable[..., T], *args: Any, reading: bool = False) -> T:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
         with redis_errors(what, self.url):
-            return fn(*args)
+            try:
+                return fn(*args)
+            except rexc.DataError as exc:  # redis-py refused an argument: not transient
+                raise ConfigurationError(f"{what}: {exc}") from exc
+            except rexc.ResponseError as exc:
+                if not any(text in str(exc) for text in _REFUSALS):
+                    raise  # redis_errors decides
+                refused: type[ConveyorError] = DecodeError if reading else ConfigurationError
+                raise refused(f"{what} on {self!r}: the server refused it: {exc}") from exc
 
     def task_key(self, task_id: str) -> str:
         """The key (and pub/sub channel) of ``task_id``'s record."""
@@ -357,9 +380,11 @@ class RedisResultBackend(ResultBackendBase):
         when the stored value is not JSON: checked under ``WATCH``). Thread-safe.
 
         Raises:
+            ConfigurationError: a refused task id (see ``validate_task_id``).
             EncodeError: the result cannot be serialized.
             OperationalError: the server failed (a retried write may have been applied).
         """
+        record = self._check_record(record)
         key = self.task_key(record.task_id)
         value = self._encode(record)
         px = self._px(ttl)
@@ -395,7 +420,8 @@ class RedisResultBackend(ResultBackendBase):
         Raises:
             DecodeError: the stored value is not a readable result meta.
         """
-        raw = self._run("fetch result", lambda: self._get(self.task_key(task_id)))
+        key = self.task_key(self._check_id(task_id, "task id"))
+        raw = self._run("fetch result", self._get, key, reading=True)
         return None if raw is None else self._decode(raw, task_id)
 
     def _get(self, key: str) -> bytes | None:
@@ -408,11 +434,12 @@ class RedisResultBackend(ResultBackendBase):
 
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """``MGET`` in chunks of 1000 ids (one round trip each)."""
-        ids = list(task_ids)
+        ids = self._check_ids(task_ids)
         found: dict[str, ResultRecord] = {}
         for start in range(0, len(ids), _FETCH_CHUNK):
             chunk = ids[start : start + _FETCH_CHUNK]
-            values = self._run("fetch results", self._mget, [self.task_key(t) for t in chunk])
+            keys = [self.task_key(t) for t in chunk]
+            values = self._run("fetch results", self._mget, keys, reading=True)
             for task_id, raw in zip(chunk, values, strict=True):
                 if raw is not None:
                     found[task_id] = self._decode(raw, task_id)
@@ -420,7 +447,8 @@ class RedisResultBackend(ResultBackendBase):
 
     def forget(self, task_id: str) -> None:
         """``DEL`` the record. Idempotent."""
-        self._run("forget result", lambda: self._client.delete(self.task_key(task_id)))
+        key = self.task_key(self._check_id(task_id, "task id"))
+        self._run("forget result", self._client.delete, key)
 
     # ------------------------------------------------------------------ wait
     def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
@@ -440,14 +468,16 @@ class RedisResultBackend(ResultBackendBase):
         Raises:
             OperationalError: the server could not be reached.
         """
+        key = self.task_key(self._check_id(task_id, "task id"))
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout:
+            raise ConfigurationError(f"timeout must be a number of seconds, got {timeout!r}")
         deadline = monotonic() + max(0.0, timeout)
-        key = self.task_key(task_id)
         channel = key.encode("utf-8")
         recheck = self.options.wait_recheck_interval
         waiter = self._waiter()
         clean = False
         try:
-            raw = self._run("wait for result", waiter.start, key)
+            raw = self._run("wait for result", waiter.start, key, reading=True)
             record = None if raw is None else self._decode_waited(raw, task_id)
             next_check = monotonic() + recheck
             while record is None or not record.ready:
@@ -506,8 +536,15 @@ class RedisResultBackend(ResultBackendBase):
 
     # ------------------------------------------------------------------ counters
     def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
-        """``INCRBY`` and refresh the expiry in one transaction; return the new value."""
-        name = self._prefix + key
+        """``INCRBY`` and refresh the expiry in one transaction; return the new value.
+
+        Raises:
+            ConfigurationError: a refused key, ``amount`` not an int, the key holding a set
+                or a result out of Redis's 64-bit range.
+        """
+        name = self._prefix + self._check_id(key, "counter key")
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise ConfigurationError(f"amount must be an int, got {amount!r}")
         px = self._px(ttl)
 
         def work() -> int:
@@ -520,8 +557,13 @@ class RedisResultBackend(ResultBackendBase):
         return self._run("incr", work)
 
     def add_member(self, key: str, member: str, *, ttl: float | None = None) -> int:
-        """``SADD`` + expiry + ``SCARD`` in one transaction; return the set's size."""
-        name = self._prefix + key
+        """``SADD`` + expiry + ``SCARD`` in one transaction; return the set's size.
+
+        Raises:
+            ConfigurationError: a refused key or member, the key holding a counter.
+        """
+        name = self._prefix + self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         px = self._px(ttl)
 
         def work() -> int:
@@ -536,11 +578,14 @@ class RedisResultBackend(ResultBackendBase):
 
     def forget_key(self, key: str) -> None:
         """``DEL`` the counter or set. Idempotent."""
-        self._run("forget key", lambda: self._client.delete(self._prefix + key))
+        name = self._prefix + self._check_id(key, "counter key")
+        self._run("forget key", self._client.delete, name)
 
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Write Celery's saved-group document (and publish it, as Celery does)."""
+        record = self._check_group(record)
+        key = self.group_key(record.group_id)
         meta = group_meta(record.group_id, record.task_ids)
         done = record.date_done or datetime.now(_UTC)
         done = done.replace(tzinfo=_UTC) if done.tzinfo is None else done.astimezone(_UTC)
@@ -549,7 +594,6 @@ class RedisResultBackend(ResultBackendBase):
         if self.options.compression:
             packed, mime = compress(body, self.options.compression)
             body = b"".join((COMPRESSED_RESULT_MARKER, mime.encode("ascii"), b"\x00", packed))
-        key = self.group_key(record.group_id)
         px = self._px(ttl)
 
         def work() -> None:
@@ -565,14 +609,16 @@ class RedisResultBackend(ResultBackendBase):
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """The saved group, or None when missing or expired."""
-        raw = self._run("fetch group", lambda: self._get(self.group_key(group_id)))
+        key = self.group_key(self._check_id(group_id, "group id"))
+        raw = self._run("fetch group", self._get, key, reading=True)
         if raw is None:
             return None
         return group_from_meta(self._decode_value(raw), group_id)
 
     def forget_group(self, group_id: str) -> None:
         """``DEL`` the saved group (not its members' records). Idempotent."""
-        self._run("forget group", lambda: self._client.delete(self.group_key(group_id)))
+        key = self.group_key(self._check_id(group_id, "group id"))
+        self._run("forget group", self._client.delete, key)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

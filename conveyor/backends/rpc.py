@@ -48,6 +48,11 @@ Routing on the writer side: ``store`` sends to ``record.extended["reply_to"]`` w
 them there for backends with :attr:`RPCResultBackend.routes_by_reply_to`. An empty
 ``reply_to`` sends nothing (Celery's rule); a record without the key goes to this client's
 own reply queue (the client storing for itself, as the conformance suite does).
+
+Ids: the rules of :meth:`~conveyor.core.base.ResultBackendBase.validate_task_id` (a non-empty
+``str``, no NUL, valid UTF-8) with at most 255 bytes: a task id travels as the AMQP
+``correlation_id``, a short string. Checked on every method; a refused id raises
+``ConfigurationError`` and nothing is sent.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
@@ -113,7 +118,7 @@ class RPCResultBackendOptions(AMQPConnectionOptions):
         max_cached: records kept in memory; the oldest are dropped beyond it.
     """
 
-    broker_url: str | None = None
+    broker_url: str | None = field(default=None, repr=False)  # it may carry a password
     reply_to: str | None = None
     default_ttl: float | None = DEFAULT_RESULT_TTL
     persistent: bool = False
@@ -151,6 +156,8 @@ class RPCResultBackend(ResultBackendBase):
     #: Tells the worker to put the task's ``reply_to``/``correlation_id`` in
     #: ``ResultRecord.extended`` (results are routed, not stored under a key).
     routes_by_reply_to: ClassVar[bool] = True
+    #: A task id travels as the AMQP ``correlation_id`` property: a short string.
+    max_id_bytes: ClassVar[int] = 255
 
     def __init__(self, options: RPCResultBackendOptions, *, url: str = "rpc://") -> None:
         if not options.broker_url:
@@ -342,7 +349,8 @@ class RPCResultBackend(ResultBackendBase):
         rest = dict(extended)
         reply_to = rest.pop("reply_to", _MISSING)
         correlation = rest.pop("correlation_id", None) or record.task_id
-        return reply_to, str(correlation), dataclasses.replace(record, extended=rest)
+        correlation = self._check_id(correlation, "correlation id")
+        return reply_to, correlation, dataclasses.replace(record, extended=rest)
 
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         """Publish ``record`` to its reply queue and wait for RabbitMQ's confirm.
@@ -352,11 +360,13 @@ class RPCResultBackend(ResultBackendBase):
         ``ttl`` becomes the message's ``expiration``.
 
         Raises:
+            ConfigurationError: a refused task id (see ``validate_task_id``).
             EncodeError: the result cannot be serialized.
             OperationalError: RabbitMQ unreachable or no confirm in time.
             ConnectionLost: the backend is closed.
         """
         self._check_open()
+        record = self._check_record(record)
         destination, correlation, clean = self._route(record)
         if destination is not _MISSING and not destination:
             return
@@ -420,6 +430,7 @@ class RPCResultBackend(ResultBackendBase):
     def fetch(self, task_id: str) -> ResultRecord | None:
         """The latest state received for ``task_id`` (after draining the reply queue)."""
         self._check_open()
+        task_id = self._check_id(task_id, "task id")
         self._sync(self._deadline())
         with self._cond:
             return self._lookup(task_id)
@@ -427,10 +438,11 @@ class RPCResultBackend(ResultBackendBase):
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Like :meth:`fetch` for several ids, with one drain."""
         self._check_open()
+        ids = self._check_ids(task_ids)
         self._sync(self._deadline())
         found: dict[str, ResultRecord] = {}
         with self._cond:
-            for task_id in task_ids:
+            for task_id in ids:
                 record = self._lookup(task_id)
                 if record is not None:
                     found[task_id] = record
@@ -443,6 +455,9 @@ class RPCResultBackend(ResultBackendBase):
             The ready record, or the latest non-ready one (or None) on timeout.
         """
         self._check_open()
+        task_id = self._check_id(task_id, "task id")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout != timeout:
+            raise ConfigurationError(f"timeout must be a number of seconds, got {timeout!r}")
         deadline = time.monotonic() + max(0.0, float(timeout))
         while True:
             with self._cond:
@@ -473,6 +488,7 @@ class RPCResultBackend(ResultBackendBase):
     def forget(self, task_id: str) -> None:
         """Drop what was received for ``task_id`` (after draining the reply queue)."""
         self._check_open()
+        task_id = self._check_id(task_id, "task id")
         self._sync(self._deadline())
         with self._cond:
             self._records.pop(task_id, None)

@@ -50,6 +50,28 @@ Celery compatibility (``docs/backends/sql.md`` and celery-wire.md 4.5):
   UPDATE ... WHERE status <> 'SUCCESS'`` (PostgreSQL, SQLite) or ``ON DUPLICATE KEY UPDATE``
   with ``IF(status = 'SUCCESS', old, new)`` (MariaDB/MySQL).
 * Times: the client clock (as Celery's ``date_done`` and ``cleanup``), stored as naive UTC.
+
+Ids (:meth:`SQLAlchemyResultBackend.validate_task_id`):
+
+* The rules of :func:`conveyor.core.base.check_id` (a non-empty ``str``, no NUL -- PostgreSQL
+  text cannot hold it --, valid UTF-8), and at most 155 characters for task and group ids
+  (Celery's ``String(155)`` columns, also ``group_id``/``parent_id`` of a record), the same
+  for counter keys and members (one rule for every id). Checked on every method before any
+  statement runs: a refused id raises ``ConfigurationError``, never a database error (an
+  ``int`` would compare as a number in MySQL and match ``'5abc...'``).
+* MariaDB/MySQL compare ``VARCHAR`` values ignoring trailing spaces (PAD SPACE), so an id
+  ending in a space is refused there. Tables created here use the ``utf8mb4_bin`` collation
+  for ids (exact: ``'ABC'`` and ``'abc'`` are two ids). A table created with a
+  case-insensitive collation (Celery's, the server default ``utf8mb4_general_ci``) is still
+  read exactly (reads and deletes also compare the bytes), and a store whose id collides
+  with another id under that collation is refused with ``ConfigurationError`` naming the fix
+  (``ALTER TABLE ... COLLATE utf8mb4_bin``) instead of overwriting the other task's row.
+  conveyor's own counter table is converted to ``utf8mb4_bin`` on first use.
+
+Other columns: the ``name``/``worker``/``queue`` columns (``String(155)``, informational)
+keep their first 155 characters; text columns (those three and ``traceback``) escape NUL and
+lone surrogates (``\\x00``, ``\\udc80``), which no SQL text type holds; ``retries`` outside a
+32-bit int raises ``EncodeError``. A ttl reaching past the year 9999 means "never expires".
 """
 
 from __future__ import annotations
@@ -77,6 +99,17 @@ from conveyor._sql import (
     split_url,
     sql_identifier,
 )
+from conveyor.backends._sqlids import (
+    ID_LENGTH,
+    brief,
+    check_landed,
+    exact_counters,
+    id_type,
+    is_id,
+    keep_other_row,
+    loose_id_columns,
+    text_value,
+)
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import group_from_meta, group_meta, meta_from_record, record_from_meta
@@ -84,6 +117,7 @@ from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
     DecodeError,
+    EncodeError,
     OperationalError,
 )
 from conveyor.core.options import build_options
@@ -105,6 +139,7 @@ _UTC = timezone.utc
 _SUCCESS = State.SUCCESS.value
 _FETCH_CHUNK = 500
 _KEY_LENGTH = 255
+_INT32 = (-(2**31), 2**31 - 1)
 # Extended columns (Celery's result_extended) and the ResultRecord.extended keys they hold.
 _EXTENDED_TEXT = ("name", "worker", "queue")
 _EXTENDED_CODED = ("args", "kwargs")
@@ -205,7 +240,7 @@ def task_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Ta
         name,
         metadata,
         _id_column("task_id_sequence", schema),
-        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("task_id", id_type(), unique=True),
         sa.Column("status", sa.String(50)),
         sa.Column("result", _blob(), nullable=True),
         sa.Column("date_done", _datetime(), nullable=True, index=True),
@@ -238,7 +273,7 @@ def group_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.T
         name,
         metadata,
         _id_column("taskset_id_sequence", schema),
-        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("taskset_id", id_type(), unique=True),
         sa.Column("result", _blob(), nullable=True),
         sa.Column("date_done", _datetime(), nullable=True, index=True),
         sa.Column("expires_at", _datetime(), nullable=True, index=True),
@@ -259,8 +294,8 @@ def counter_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa
         name,
         metadata,
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-        sa.Column("counter_key", sa.String(_KEY_LENGTH), nullable=False),
-        sa.Column("member", sa.String(_KEY_LENGTH), nullable=False),
+        sa.Column("counter_key", id_type(_KEY_LENGTH), nullable=False),
+        sa.Column("member", id_type(_KEY_LENGTH), nullable=False),
         sa.Column("value", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", _datetime(), nullable=True, index=True),
         sa.UniqueConstraint("counter_key", "member", name=f"uq_{name}_key_member"),
@@ -340,6 +375,10 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         self._task_columns: frozenset[str] = frozenset(self._tasks.c.keys())
         self._schema_ready = False
         self._closed = False
+        self._mysql = self._db.dialect == "mysql"
+        # Tables whose id column compares loosely (MariaDB/MySQL, case-insensitive
+        # collation): table name -> collation. Filled when the schema is checked.
+        self._loose: dict[str, str] = {}
 
     @classmethod
     def from_url(
@@ -372,6 +411,9 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         create_all_race_safe(self._db, self._metadata, what="create result tables")
         self._task_columns = self._adopt(self._tasks)
         self._adopt(self._groups)
+        if self._mysql:
+            exact_counters(self._db, self._counters, self.options.schema, _KEY_LENGTH)
+            self._loose = self._loose_id_columns()
         self._schema_ready = True
 
     def _adopt(self, table: sa.Table) -> frozenset[str]:
@@ -436,7 +478,32 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             self.create_tables()
         else:
             self._task_columns = frozenset(self._columns_of(self._tasks))
+            if self._mysql:
+                self._loose = self._loose_id_columns()
             self._schema_ready = True
+
+    def _loose_id_columns(self) -> dict[str, str]:
+        return loose_id_columns(self._db, [self._tasks, self._groups], self.options.schema)
+
+    # ------------------------------------------------------------------ ids
+    def _check_id(self, value: object, what: str) -> str:
+        """The base rules, then this store's: Celery's column lengths and, on
+        MariaDB/MySQL, no trailing space (see Ids in the module docstring)."""
+        text = super()._check_id(value, what)
+        if len(text) > ID_LENGTH:
+            raise ConfigurationError(
+                f"{what} {brief(text)} is {len(text)} characters long; the SQL column holds "
+                f"{ID_LENGTH} (Celery's task_id and taskset_id columns are String(155))"
+            )
+        if self._mysql and text.endswith(" "):
+            raise ConfigurationError(
+                f"{what} {brief(text)} ends with a space: MariaDB/MySQL compare strings "
+                "ignoring trailing spaces, so it would be the same row as the id without them"
+            )
+        return text
+
+    def _is(self, column: sa.ColumnElement[Any], value: str) -> sa.ColumnElement[bool]:
+        return is_id(column, value, self._mysql)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -463,14 +530,20 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             # only where pickle was explicitly accepted (Celery reads them unconditionally).
             pickle_type = self._serializers.get("pickle").content_type
             if raw[:1] == b"\x80" and pickle_type in self._accept:
-                return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
+                try:
+                    return pickle.loads(raw)  # noqa: S301 - opted in through `accept`
+                except Exception as exc:  # any unpickling failure: the row is unreadable
+                    raise DecodeError(f"cannot unpickle a stored value: {exc}") from exc
             raise
 
     def _expires(self, ttl: float | None) -> datetime | None:
         seconds = self._ttl(ttl)
         if seconds is None or math.isinf(seconds):
             return None
-        return _utcnow() + timedelta(seconds=seconds)
+        try:
+            return _utcnow() + timedelta(seconds=seconds)
+        except OverflowError:  # past the year 9999: as good as never
+            return None
 
     def _alive(self, table: sa.Table, now: datetime) -> sa.ColumnElement[bool]:
         """Rows not expired at ``now``: ours by ``expires_at``, Celery's (NULL
@@ -487,27 +560,40 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     # ------------------------------------------------------------------ store
     def _values(self, record: ResultRecord, ttl: float | None) -> dict[str, Any]:
+        task_id = self._check_id(record.task_id, "task id")
+        group_id, parent_id = record.group_id or None, record.parent_id or None
+        if group_id is not None:
+            group_id = self._check_id(group_id, "group id")
+        if parent_id is not None:
+            parent_id = self._check_id(parent_id, "parent id")
         meta = meta_from_record(record, include_task_id=False)
         done = record.date_done
         if done is None and record.state in READY_STATES:
             done = datetime.now(_UTC)
         values: dict[str, Any] = {
-            "task_id": record.task_id,
+            "task_id": task_id,
             "status": record.state.value,
             "result": self._encode(meta["result"]),
             "date_done": _naive_utc(done) if done is not None else None,
-            "traceback": record.traceback,
+            "traceback": text_value(record.traceback),
             "children": None if record.children is None else self._encode(record.children),
             "expires_at": self._expires(ttl),
-            "group_id": record.group_id,
-            "parent_id": record.parent_id,
+            "group_id": group_id,
+            "parent_id": parent_id,
         }
         extended = dict(record.extended)
         for key in _EXTENDED_TEXT:
-            values[key] = extended.get(key)
+            values[key] = text_value(extended.get(key), ID_LENGTH)
         for key in _EXTENDED_CODED:
             values[key] = self._encode(extended[key]) if key in extended else None
-        values["retries"] = extended.get("retries")
+        retries = extended.get("retries")
+        if retries is not None and (
+            isinstance(retries, bool)
+            or not isinstance(retries, int)
+            or not _INT32[0] <= retries <= _INT32[1]
+        ):
+            raise EncodeError(f"retries must be a 32-bit int for the SQL column, got {retries!r}")
+        values["retries"] = retries
         if extended.get("stamped_headers"):
             info = {
                 "stamped_headers": extended["stamped_headers"],
@@ -516,7 +602,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             values["stamps"] = self._encode(info)
         else:
             values["stamps"] = None
-        return {k: v for k, v in values.items() if k in self._task_columns}
+        return values
 
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         """Upsert the row for ``record.task_id`` in one statement, unless it holds SUCCESS.
@@ -525,16 +611,26 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         trip (two on MariaDB/MySQL when the row exists: none extra). Thread-safe.
 
         Raises:
+            ConfigurationError: a refused task id, group id or parent id (see
+                ``validate_task_id``), or an id that collides with another under a
+                case-insensitive collation (MariaDB/MySQL tables not created here).
             EncodeError: the result cannot be serialized.
             OperationalError: the database failed (nothing was written).
         """
-        self._ensure_schema()
         values = self._values(record, ttl)
+        self._ensure_schema()
+        values = {k: v for k, v in values.items() if k in self._task_columns}
         t = self._tasks
+        task_id = values["task_id"]
         keep = t.c.status == _SUCCESS
+        guard = keep_other_row(t, "task_id", task_id, self._loose)
+        if guard is not None:
+            keep = sa.or_(keep, guard)
 
         def work(conn: Connection) -> None:
             self._upsert(conn, t, ("task_id",), values, keep=keep)
+            if guard is not None:
+                check_landed(conn, t.c.task_id, task_id, "task id", self._loose)
 
         self._db.transaction(work, what="store result")
 
@@ -627,12 +723,13 @@ class SQLAlchemyResultBackend(ResultBackendBase):
             DecodeError, ContentDisallowed: the stored result cannot be decoded.
             OperationalError: the database failed.
         """
+        task_id = self._check_id(task_id, "task id")
         self._ensure_schema()
         t = self._tasks
 
         def work(conn: Connection) -> Any:
             stmt = sa.select(*self._columns()).where(
-                t.c.task_id == task_id, self._alive(t, _utcnow())
+                self._is(t.c.task_id, task_id), self._alive(t, _utcnow())
             )
             return conn.execute(stmt).first()
 
@@ -642,7 +739,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Unexpired records for ``task_ids`` (missing ids absent): one ``IN`` query per 500
         ids, all in one read transaction."""
-        ids = list(dict.fromkeys(task_ids))
+        ids = list(dict.fromkeys(self._check_ids(task_ids)))
         if not ids:
             return {}
         self._ensure_schema()
@@ -665,37 +762,46 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget(self, task_id: str) -> None:
         """Delete the row of ``task_id``. Idempotent."""
+        task_id = self._check_id(task_id, "task id")
         self._ensure_schema()
         t = self._tasks
         self._db.transaction(
-            lambda conn: conn.execute(sa.delete(t).where(t.c.task_id == task_id)),
+            lambda conn: conn.execute(sa.delete(t).where(self._is(t.c.task_id, task_id))),
             what="forget result",
         )
 
     # ------------------------------------------------------------------ groups
     def store_group(self, record: GroupRecord, *, ttl: float | None = None) -> None:
         """Save (or replace) the group row: Celery's encoded group tuple. One statement."""
+        record = self._check_group(record)
+        group_id, members = record.group_id, record.task_ids
         self._ensure_schema()
         done = record.date_done or datetime.now(_UTC)
         values = {
-            "taskset_id": record.group_id,
-            "result": self._encode(group_meta(record.group_id, record.task_ids)["result"]),
+            "taskset_id": group_id,
+            "result": self._encode(group_meta(group_id, members)["result"]),
             "date_done": _naive_utc(done),
             "expires_at": self._expires(ttl),
         }
         g = self._groups
-        self._db.transaction(
-            lambda conn: self._upsert(conn, g, ("taskset_id",), values), what="store group"
-        )
+        guard = keep_other_row(g, "taskset_id", group_id, self._loose)
+
+        def work(conn: Connection) -> None:
+            self._upsert(conn, g, ("taskset_id",), values, keep=guard)
+            if guard is not None:
+                check_landed(conn, g.c.taskset_id, group_id, "group id", self._loose)
+
+        self._db.transaction(work, what="store group")
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
         """The unexpired group or None (Celery's rows included)."""
+        group_id = self._check_id(group_id, "group id")
         self._ensure_schema()
         g = self._groups
 
         def work(conn: Connection) -> Any:
             stmt = sa.select(g.c.result, g.c.date_done).where(
-                g.c.taskset_id == group_id, self._alive(g, _utcnow())
+                self._is(g.c.taskset_id, group_id), self._alive(g, _utcnow())
             )
             return conn.execute(stmt).first()
 
@@ -707,19 +813,15 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group row (not its members' results). Idempotent."""
+        group_id = self._check_id(group_id, "group id")
         self._ensure_schema()
         g = self._groups
         self._db.transaction(
-            lambda conn: conn.execute(sa.delete(g).where(g.c.taskset_id == group_id)),
+            lambda conn: conn.execute(sa.delete(g).where(self._is(g.c.taskset_id, group_id))),
             what="forget group",
         )
 
     # ------------------------------------------------------------------ counters
-    @staticmethod
-    def _check_key(key: str, what: str = "key") -> None:
-        if not isinstance(key, str) or not key or len(key) > _KEY_LENGTH - 1:
-            raise ConfigurationError(f"counter {what} must be 1-{_KEY_LENGTH - 1} characters")
-
     def _head_expired(self, now: datetime) -> sa.ColumnElement[bool]:
         c = self._counters
         return sa.and_(c.c.expires_at.is_not(None), c.c.expires_at <= now)
@@ -728,8 +830,14 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         """Atomically add ``amount`` to counter ``key`` (expired or missing: 0 first); set
         its expiry to ``ttl`` from now. One upsert ``RETURNING`` the value (MariaDB/MySQL:
         the upsert, then a read of the row it locked)."""
+        key = self._check_id(key, "counter key")
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int)
+            or not -(2**63) <= amount < 2**63
+        ):
+            raise ConfigurationError(f"amount must be a 64-bit int, got {amount!r}")
         self._ensure_schema()
-        self._check_key(key)
         c = self._counters
         expires = self._expires(ttl)
 
@@ -763,9 +871,9 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         Atomic across processes: the key's head row is locked (upserted) first, so
         concurrent adders of one key serialise and each sees the others' members.
         """
+        key = self._check_id(key, "counter key")
+        member = self._check_id(member, "member")
         self._ensure_schema()
-        self._check_key(key)
-        self._check_key(member, "member")
         c = self._counters
         expires = self._expires(ttl)
 
@@ -812,6 +920,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
     def forget_key(self, key: str) -> None:
         """Delete counter or set ``key`` with all its members. Idempotent."""
+        key = self._check_id(key, "counter key")
         self._ensure_schema()
         c = self._counters
         self._db.transaction(
@@ -827,8 +936,8 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
         Safe to run from several processes at once. Blocks until nothing expired is left.
         """
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be >= 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive int, got {batch_size!r}")
         self._ensure_schema()
         now = _utcnow()
         total = 0

@@ -6,11 +6,15 @@ but the bases give, for free:
 * capability enforcement in one place (:meth:`BrokerBase._check_publish`, ``_require``),
 * ``publish_many`` as a loop and ``fetch_many`` as a loop, for stores with no batch verb,
 * optional-capability methods that raise :class:`UnsupportedFeature` until overridden,
-* context-manager support and a ``repr`` that shows the masked URL.
+* context-manager support and a ``repr`` that shows the masked URL,
+* the id rules of result backends (:func:`check_id`, :meth:`ResultBackendBase.validate_task_id`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import reprlib
 import threading
 import time
 from collections import OrderedDict
@@ -26,15 +30,83 @@ from conveyor.core.urls import mask_url
 
 __all__ = [
     "DEFAULT_RESULT_TTL",
+    "MAX_ID_BYTES",
     "BrokerBase",
     "HeldLeases",
     "ResultBackendBase",
+    "check_id",
     "validate_queue_name",
 ]
 
 #: Celery's ``result_expires`` default: one day.
 DEFAULT_RESULT_TTL = 86400.0
 _MAX_QUEUE_NAME = 200
+#: The longest task id, group id or counter key (in UTF-8 bytes) a result backend accepts by
+#: default. Ids are never trusted for size; backends whose store holds less refuse more.
+MAX_ID_BYTES = 1024
+
+
+def _shown(value: object) -> str:
+    """A short, safe ``repr`` of an id for error messages (never a 10,000-character id)."""
+    short = reprlib.Repr()  # built per error: errors are rare, module state is not wanted
+    short.maxstring = short.maxother = 60
+    short.maxlevel = 2
+    try:
+        return short.repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        return f"<{type(value).__name__}>"
+
+
+def check_id(value: object, what: str = "task id", *, max_bytes: int = MAX_ID_BYTES) -> str:
+    """Return ``value`` if it is usable as an id by a result backend, else raise.
+
+    The rules every built-in result backend applies to task ids, group ids and counter keys
+    (each backend may refuse more, see its ``validate_task_id``):
+
+    * a ``str`` (ids are data, never queries: a ``dict`` such as ``{"$ne": None}`` would be
+      an operator to MongoDB, an ``int`` compares as a number in MySQL), not empty;
+    * no NUL character (PostgreSQL text and C-string keys cannot hold it);
+    * encodable as UTF-8, i.e. no lone surrogate (no store, driver or wire format can carry
+      one; a Celery client can send one);
+    * at most ``max_bytes`` bytes as UTF-8.
+
+    Returns:
+        ``value`` itself, or a plain ``str`` copy of a ``str`` subclass (numpy's ``str_``...):
+        callers use the returned value.
+
+    Raises:
+        ConfigurationError: saying which rule ``value`` breaks. It is the caller's mistake
+            (or the sender's): retrying cannot help, so it is never an ``OperationalError``.
+    """
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise ConfigurationError(
+                f"{what} must be a str, got {type(value).__name__} {_shown(value)} "
+                "(ids are data, never queries)"
+            )
+        value = str.__str__(value)  # a plain copy: a subclass's methods could say anything
+    if not value:
+        raise ConfigurationError(f"{what} must not be empty")
+    if "\x00" in value:
+        raise ConfigurationError(
+            f"{what} {_shown(value)} contains a NUL character, which result stores cannot hold"
+        )
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"{what} {_shown(value)} is not valid Unicode text (a lone surrogate at index "
+                f"{exc.start}): it cannot be encoded as UTF-8, so no store can hold it"
+            ) from None
+    if size > max_bytes:
+        raise ConfigurationError(
+            f"{what} {_shown(value)} is {size} bytes long as UTF-8; this result backend "
+            f"accepts at most {max_bytes}"
+        )
+    return value
 
 
 def validate_queue_name(name: str) -> str:
@@ -165,18 +237,77 @@ class BrokerBase(_Closable):
 class ResultBackendBase(_Closable):
     """Helper base for result backends.
 
+    Ids: every method checks each task id, group id, group member and counter key it is
+    given with :meth:`_check_id` (:func:`check_id`'s rules, refined per backend) before
+    anything reaches the store, and :meth:`validate_task_id` lets an application check an
+    id before publishing a task.
+
     Attributes:
         default_ttl: seconds a record lives when ``store`` gets ``ttl=None``; ``None`` or 0
             keeps records until forgotten (only by explicit configuration).
+        max_id_bytes: the longest id accepted, in UTF-8 bytes.
     """
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     default_ttl: float | None = DEFAULT_RESULT_TTL
+    max_id_bytes: ClassVar[int] = MAX_ID_BYTES
+
+    def validate_task_id(self, task_id: str) -> None:
+        """Raise ``ConfigurationError`` unless this backend can store ``task_id`` and read
+        it back exactly. No I/O; cheap enough to call before every publish.
+
+        The base rules are :func:`check_id`'s (a non-empty ``str``, no NUL, valid UTF-8, at
+        most :attr:`max_id_bytes` bytes); backends refine them (e.g. SQL: Celery's 155
+        character column). ``store``, ``fetch``, ``forget`` and every other method apply the
+        same check, so an id refused here is refused there too, never sent to the store.
+        Group ids and counter keys follow the same rules.
+
+        Raises:
+            ConfigurationError: saying why ``task_id`` cannot be used.
+        """
+        self._check_id(task_id, "task id")
+
+    def _check_id(self, value: object, what: str) -> str:
+        """Return ``value`` if this backend can use it as ``what`` (a task id, group id,
+        group member or counter key), else raise ``ConfigurationError``. Override to refine
+        (call ``super()`` first)."""
+        return check_id(value, what, max_bytes=self.max_id_bytes)
+
+    def _check_record(self, record: ResultRecord) -> ResultRecord:
+        """``record`` with its task id checked (as a plain ``str``)."""
+        task_id = self._check_id(record.task_id, "task id")
+        if task_id is record.task_id:
+            return record
+        return dataclasses.replace(record, task_id=task_id)
+
+    def _check_group(self, record: GroupRecord) -> GroupRecord:
+        """``record`` with its group id and members checked (plain ``str``, a tuple)."""
+        group_id = self._check_id(record.group_id, "group id")
+        members = tuple(self._check_ids(record.task_ids, "group member"))
+        if group_id is record.group_id and members == record.task_ids:
+            return record
+        return dataclasses.replace(record, group_id=group_id, task_ids=members)
+
+    def _check_ids(self, values: object, what: str = "task id") -> list[str]:
+        """Every id of a sequence of ids, checked; a lone ``str`` (or bytes, or a mapping)
+        is refused rather than iterated."""
+        if isinstance(values, str | bytes | bytearray | Mapping) or not isinstance(
+            values, Iterable
+        ):
+            raise ConfigurationError(
+                f"expected a sequence of {what}s, got {type(values).__name__} {_shown(values)}"
+            )
+        return [self._check_id(value, what) for value in values]
 
     def _ttl(self, ttl: float | None) -> float | None:
         """The effective expiry in seconds for a store call, or None for "never"."""
         effective = self.default_ttl if ttl is None else ttl
-        if effective is not None and (effective < 0 or effective != effective):
+        if effective is not None and (
+            isinstance(effective, bool)
+            or not isinstance(effective, int | float)
+            or effective < 0
+            or math.isnan(effective)
+        ):
             raise ConfigurationError(f"ttl must be a non-negative number of seconds: {ttl!r}")
         if effective is None or effective == 0:
             return None  # 0 means "keep until forgotten", only when asked for explicitly
@@ -193,7 +324,7 @@ class ResultBackendBase(_Closable):
     def fetch_many(self, task_ids: Sequence[str]) -> Mapping[str, ResultRecord]:
         """Derived: one ``fetch`` per id. Override where the store batches."""
         found: dict[str, ResultRecord] = {}
-        for task_id in task_ids:
+        for task_id in self._check_ids(task_ids):
             record = self.fetch(task_id)
             if record is not None:
                 found[task_id] = record

@@ -16,6 +16,16 @@ General rules for every method below:
 * Thread-safety is stated per implementation in its module docstring. Unless it says
   otherwise, one instance may be shared by the threads of one process; it is never shared
   across ``fork()`` (build a new one in the child).
+* Ids are data, never queries. A result backend checks every task id, group id, group member
+  and counter key it is given (on reads and deletes too) before anything reaches the store: a
+  value that is not a ``str`` (``{"$ne": None}``, ``5``, ``b"x"``, ``None``) or that the store
+  cannot hold exactly raises :class:`~conveyor.core.errors.ConfigurationError` saying why
+  (see :meth:`ResultBackend.validate_task_id`), never an ``OperationalError``, so a worker
+  never retries it.
+* A result that the result serializer cannot encode raises
+  :class:`~conveyor.core.errors.EncodeError` from ``store``; a stored value that cannot be
+  decoded raises :class:`~conveyor.core.errors.DecodeError` from ``fetch``. Neither is
+  transient.
 * Every built-in broker that declares ``at_least_once`` accepts the option ``lease_seconds``
   (float, default 60.0): how long a delivery stays held without ``extend()`` before it is
   redelivered. The runtime extends leases from a heartbeat thread while a task runs.
@@ -192,7 +202,29 @@ class ResultBackend(Protocol):
     capabilities: ClassVar[frozenset[Capability]]
 
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
-        """Save ``record`` under ``record.task_id``. See the class docstring."""
+        """Save ``record`` under ``record.task_id``. See the class docstring.
+
+        Raises:
+            ConfigurationError: ``record.task_id`` is refused (see :meth:`validate_task_id`).
+            EncodeError: the result (or another field) cannot be encoded for this store.
+            OperationalError: the store could not be reached; nothing or the whole record
+                was written.
+        """
+        ...
+
+    def validate_task_id(self, task_id: str) -> None:
+        """Raise ``ConfigurationError`` unless ``task_id`` can be stored and read back
+        exactly by this backend. No I/O: an application calls it before publishing a task,
+        so an id the result store would refuse fails at ``delay()``, not in the worker.
+
+        Every built-in backend refuses a non-``str``, an empty string, a NUL character, a
+        lone surrogate (not encodable as UTF-8) and more than 1024 UTF-8 bytes; some refuse
+        more (SQL: more than 155 characters, Celery's ``task_id`` column; MariaDB/MySQL: a
+        trailing space; ``rpc://``: more than 255 bytes, an AMQP correlation id). Group ids
+        and counter keys follow the same rules. ``store``, ``fetch``, ``forget`` and the
+        other methods apply the same check. :class:`~conveyor.core.base.ResultBackendBase`
+        implements it.
+        """
         ...
 
     def fetch(self, task_id: str) -> ResultRecord | None:
