@@ -28,11 +28,29 @@ Fixture contract:
   Without it that test skips ("no unreachable URL given"). Override ``unreachable_broker``
   (a callable that builds the broker) instead when a URL is not enough.
 
+* ``broker_process_recipe`` (optional): how ANOTHER process builds a broker on the same
+  queues, a :class:`~conveyor.testing.processes.ProcessRecipe` (an import path, a URL and
+  JSON options). The ``durable`` and ``cross_process`` tests start a fresh Python process
+  (:mod:`subprocess`, never ``fork``), build the broker there with
+  ``factory(url, **options, lease_seconds=...)`` and SIGKILL it. The default,
+  ``ProcessRecipe.of(broker)``, is ``type(broker).from_url(broker.url)``: enough for a
+  broker built from its URL alone. Override it when ``make_broker`` adds keyword options
+  (``ProcessRecipe("acme.broker:AcmeBroker.from_url", URL, {"region": "eu"})``). Without
+  one those tests skip ("no broker_process_recipe ..."). They need SIGKILL (POSIX).
+
 Fixtures must be defined in the class (or a base class), not in a ``conftest.py``: the
 suite's own defaults would shadow a conftest fixture of the same name.
 
+Dead letters (``dead_letter``): the message received from ``dead_letter_queue(queue)`` keeps
+the id, body and headers it had, and carries two more headers: ``x-conveyor-dead-letter-reason``
+(:data:`DEAD_LETTER_REASON_HEADER`, the ``reason`` given to ``reject``, exactly) and
+``x-conveyor-dead-letter-queue`` (:data:`DEAD_LETTER_QUEUE_HEADER`, the queue it was
+rejected from). That is how a worker, an operator or ``conveyor`` itself reads back why a
+message died, through the Broker protocol alone.
+
 Class attributes to tune for slow servers: ``short_lease`` (seconds used by lease tests),
 ``timing_slack`` (seconds of tolerance on time bounds), ``unreachable_timeout``,
+``process_timeout`` (bound on each step of another process: start-up, a command, exit),
 ``concurrency_messages`` / ``concurrency_timeout`` (size and time limit of the
 many-producers-and-consumers test), ``detects_lost_leases`` (False where ``ack``/``extend``
 cannot tell a lease was lost; the tests then only check nothing was lost).
@@ -50,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import threading
 import uuid
 from collections import Counter
@@ -71,6 +90,13 @@ from conveyor.core.errors import (
 from conveyor.core.protocols import Broker, DeadLetters, LeaseExtension, QueueSize
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import parse_url
+from conveyor.testing.processes import (
+    ChildProcess,
+    ProcessRecipe,
+    envelope_from_json,
+    envelope_to_json,
+    require_sigkill,
+)
 from conveyor.testing.support import (
     REQUIRES_ATTR,
     eventually,
@@ -79,12 +105,31 @@ from conveyor.testing.support import (
     unique_name,
 )
 
-__all__ = ["BrokerConformance", "BrokerFactory"]
+__all__ = [
+    "DEAD_LETTER_QUEUE_HEADER",
+    "DEAD_LETTER_REASON_HEADER",
+    "BrokerConformance",
+    "BrokerFactory",
+    "SpawnBroker",
+]
 
 #: ``make_broker(**options) -> Broker``. Brokers are typed ``Any`` in the suite because it
 #: calls optional-capability methods (``extend``, ``size``) that ``Broker`` does not declare.
 BrokerFactory = Callable[..., Any]
 
+#: ``spawn_broker(**options) -> ChildProcess``: a broker built in another process.
+SpawnBroker = Callable[..., ChildProcess]
+
+#: Header of a dead letter: the ``reason`` given to ``reject(..., requeue=False)``.
+DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
+#: Header of a dead letter: the queue it was rejected from.
+DEAD_LETTER_QUEUE_HEADER = "x-conveyor-dead-letter-queue"
+
+_NO_RECIPE = (
+    "no broker_process_recipe fixture, and type(broker).from_url(broker.url) cannot be built "
+    "in another process (no url, no from_url, or a class defined in a function): override "
+    "broker_process_recipe to run the tests that SIGKILL a process"
+)
 _NO_FACTORY = (
     "no make_broker fixture: this subclass overrides only `broker`, so tests that need a "
     "second consumer on the same queues (or broker options) cannot run"
@@ -95,6 +140,8 @@ PRIORITY = Capability.PRIORITY
 DEAD_LETTER = Capability.DEAD_LETTER
 LEASE_EXTENSION = Capability.LEASE_EXTENSION
 QUEUE_SIZE = Capability.QUEUE_SIZE
+DURABLE = Capability.DURABLE
+CROSS_PROCESS = Capability.CROSS_PROCESS
 
 
 def _env(body: bytes = b"{}", **fields: Any) -> Envelope:
@@ -167,6 +214,12 @@ class _Harness:
 class BrokerConformance:
     """The broker conformance suite. Subclass it as ``Test<Something>``; see the module doc.
 
+    Fixtures a subclass provides: ``make_broker`` (required), ``unreachable_broker_url`` and
+    ``broker_process_recipe`` (optional). The last one tells the ``durable`` and
+    ``cross_process`` tests how a fresh Python process builds a broker on the same queues
+    (``ProcessRecipe("acme.broker:AcmeBroker.from_url", url, {"option": 1})``); by default
+    ``type(broker).from_url(broker.url)``, so a broker built from its URL alone needs none.
+
     The name does not start with ``Test``, so pytest never collects this base class itself.
     """
 
@@ -182,6 +235,9 @@ class BrokerConformance:
     #: and the seconds it may take. Lower the count for slow test servers.
     concurrency_messages: ClassVar[int] = 2000
     concurrency_timeout: ClassVar[float] = 60.0
+    #: Upper bound (seconds) on each step of a broker in another process: its start-up
+    #: (a fresh interpreter importing the driver), each command, its exit.
+    process_timeout: ClassVar[float] = 60.0
 
     # ------------------------------------------------------------------ fixtures
     @pytest.fixture
@@ -247,6 +303,34 @@ class BrokerConformance:
         url: str = request.getfixturevalue("unreachable_broker_url")
         cls = type(broker)
         return lambda: cls.from_url(url)
+
+    @pytest.fixture
+    def broker_process_recipe(self, broker: Any) -> ProcessRecipe:
+        """Override: how another process builds a broker on the same queues (module doc)."""
+        recipe = ProcessRecipe.of(broker)
+        if recipe is None:
+            pytest.skip(_NO_RECIPE)
+        return recipe
+
+    @pytest.fixture
+    def spawn_broker(self, broker_process_recipe: ProcessRecipe) -> Iterator[SpawnBroker]:
+        """``spawn_broker(**options)``: a broker in a new process, killed after the test."""
+        require_sigkill()
+        children: list[ChildProcess] = []
+
+        def spawn(**options: Any) -> ChildProcess:
+            child = ChildProcess(
+                broker_process_recipe,
+                options=options,
+                timeout=self.process_timeout,
+                what="broker",
+            )
+            children.append(child)
+            return child
+
+        yield spawn
+        for child in children:
+            child.close()
 
     @pytest.fixture(autouse=True)
     def _conveyor_capability_gate(self, request: pytest.FixtureRequest) -> None:
@@ -507,6 +591,70 @@ class BrokerConformance:
         assert (again.envelope.id, again.envelope.body) == (sent.id, sent.body)
         survivor.ack(again)
 
+    # ================================================================== processes that die
+    @requires(DURABLE)
+    def test_messages_published_by_a_process_sigkilled_right_after_publish_are_delivered(
+        self, new_broker: BrokerFactory, queue: str, spawn_broker: SpawnBroker
+    ) -> None:
+        # The publishing process SIGKILLs itself the instant publish() and publish_many()
+        # returned (a power cut, the OOM killer): a broker that buffers publishes, or
+        # confirms them later or in close(), loses them here. Another process gets them all.
+        one = _env(b"published, then killed", headers={"task": "tasks.durable"})
+        batch = [_env(bytes([i]) * 3) for i in range(3)]
+        publisher = spawn_broker()
+        publisher.request(
+            "publish",
+            queue=queue,
+            envelopes=[envelope_to_json(one)],
+            many=[envelope_to_json(e) for e in batch],
+            then_sigkill=True,
+        )
+        code = publisher.wait_exit()
+        assert code == -signal.SIGKILL, f"the publisher exited with {code}, not by SIGKILL"
+        consumer = new_broker()
+        got = _collect(consumer, queue, 4, timeout=10 + self.timing_slack, ack=True)
+        received = {d.envelope.id: d.envelope for d in got}
+        assert sorted(received) == sorted(e.id for e in [one, *batch])
+        for envelope in [one, *batch]:
+            assert received[envelope.id] == envelope
+        self._assert_empty(consumer, queue, timeout=0.2)
+
+    @requires(CROSS_PROCESS, AT_LEAST_ONCE)
+    def test_a_message_held_by_a_sigkilled_consumer_process_is_redelivered_to_another(
+        self, broker: Any, new_broker: BrokerFactory, queue: str, spawn_broker: SpawnBroker
+    ) -> None:
+        # The consumer is another process, with the suite's short lease; it receives the
+        # message, does not ack it, and is SIGKILLed: no close(), no goodbye. The message
+        # comes back, to this process, marked redelivered (a server that sees the
+        # connection drop may bring it back at once; a lease-based broker when the lease
+        # runs out).
+        holder = spawn_broker(lease_seconds=self.short_lease)
+        sent = _env(b"held by a process that dies", headers={"task": "tasks.crash"})
+        broker.publish(sent, queue=queue)
+        answer = holder.request("receive", queue=queue, count=1, timeout=10 + self.timing_slack)
+        held = answer["deliveries"]
+        assert [d["envelope"]["id"] for d in held] == [sent.id], "the other process got nothing"
+        assert envelope_from_json(held[0]["envelope"]) == sent
+        assert held[0]["redelivered"] is False
+        watcher = new_broker()
+        if monotonic() - answer["at"] < self.short_lease / 2:
+            # Held by a live process under a running lease: invisible here.
+            self._assert_empty(watcher, queue)
+        code = holder.kill()
+        assert code == -signal.SIGKILL, f"the holder exited with {code}, not by SIGKILL"
+        killed = monotonic()
+        [again] = eventually(
+            lambda: watcher.receive(queue, timeout=0.25),
+            10 + self.short_lease,
+            message=f"redelivery of a message held by a process SIGKILLed "
+            f"(lease {self.short_lease} s)",
+        )
+        assert (again.envelope.id, again.envelope.body) == (sent.id, sent.body)
+        assert again.redelivered is True, f"redelivered after {monotonic() - killed:.2f} s"
+        assert again.delivery_count in (None, 2)
+        watcher.ack(again)
+        self._assert_empty(watcher, queue, timeout=0.2)
+
     def test_held_message_is_invisible_to_other_consumers(
         self, broker: Any, new_broker: BrokerFactory, queue: str
     ) -> None:
@@ -608,6 +756,29 @@ class BrokerConformance:
         broker.ack(dead)
         self._assert_empty(broker, queue)
         self._assert_empty(broker, dead_queue)
+
+    @requires(DEAD_LETTER)
+    def test_the_dead_letter_records_the_reject_reason_and_the_queue_it_came_from(
+        self, broker: Any, queue: str
+    ) -> None:
+        # Read back through the Broker protocol alone: two headers on the dead letter (see
+        # the module doc), next to the headers the message already had.
+        reason = (
+            'Traceback (most recent call last):\n  File "tasks.py", line 7, in explode\n'
+            "ValueError: bad payload: ünïcødé ✓ 'quoted' \"double\"; tab\tend"
+        )
+        sent = _env(b"poison", headers={"task": "tasks.explode", "retries": 2})
+        broker.publish(sent, queue=queue)
+        [got] = _collect(broker, queue, 1)
+        broker.reject(got, requeue=False, reason=reason)
+        dead_queue = broker.dead_letter_queue(queue)
+        [dead] = _collect(broker, dead_queue, 1)
+        headers = dict(dead.envelope.headers)
+        assert headers.get(DEAD_LETTER_REASON_HEADER) == reason
+        assert headers.get(DEAD_LETTER_QUEUE_HEADER) == queue
+        assert (headers["task"], headers["retries"]) == ("tasks.explode", 2)
+        assert dead.envelope.id == sent.id
+        broker.ack(dead)
 
     def test_rejecting_twice_is_a_no_op(self, broker: Any, queue: str) -> None:
         dropped, requeued = _env(b"dropped"), _env(b"requeued")

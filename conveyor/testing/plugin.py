@@ -4,6 +4,10 @@ Installed with conveyor, so it runs in every pytest session of every project tha
 conveyor installed: it must stay tiny, import nothing heavy and change nothing for tests that
 do not use conveyor. It only
 
+* registers the suite modules for assertion rewriting, by importing :mod:`conveyor.testing`
+  first (whose top does it, before any suite module is imported; the suites themselves are
+  imported only when a test uses them), so failures show the compared values even in an
+  editable install, whose distribution lists no modules for pytest to rewrite,
 * registers the markers the suites use (so ``--strict-markers`` runs accept them), and
 * mirrors :func:`conveyor.testing.support.requires` onto a ``conveyor_requires`` marker, so a
   run can select or deselect tests by capability (``-m "not conveyor_requires"``).
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import pytest
 
+# Importing the package registers assertion rewriting; only then may a suite module load.
+import conveyor.testing  # noqa: F401
 from conveyor.testing.support import REQUIRES_ATTR
 
 __all__ = ["pytest_collection_modifyitems", "pytest_configure"]

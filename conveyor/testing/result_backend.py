@@ -26,8 +26,18 @@ Fixture contract:
 * Every test uses ids from :func:`~conveyor.testing.support.unique_name`, so the suite runs
   under pytest-xdist against one shared server.
 
-The suite provides ``result_backend`` (``make()``, closed at teardown) and
-``new_result_backend`` (the tracking wrapper around ``make``).
+* ``result_backend_process_recipe`` (optional): how ANOTHER process builds a client on the
+  same store, a :class:`~conveyor.testing.processes.ProcessRecipe` (an import path, a URL and
+  JSON options). The test that wakes a ``wait`` by a store from another process (backends
+  declaring ``wait`` and ``cross_process``) starts a fresh Python process with it. The
+  default, ``ProcessRecipe.of(result_backend)``, is
+  ``type(backend).from_url(backend.url)``: enough for a backend built from its URL alone.
+  Override it when ``make`` adds keyword options, e.g.
+  ``ProcessRecipe("acme.results:AcmeBackend.from_url", URL, {"namespace": "t"})``.
+
+The suite provides ``result_backend`` (``make()``, closed at teardown),
+``new_result_backend`` (the tracking wrapper around ``make``) and ``spawn_result_backend``
+(``spawn(**options)``: a client in another process, killed at teardown).
 
 Capabilities: tests marked ``@requires(...)`` skip, naming the missing capability
 (``needs capability 'wait'``), when the backend's class does not declare it. Every capability
@@ -42,6 +52,11 @@ Timing knobs (class attributes a subclass may override):
   an expired entry must never be returned, swept or not.
 * ``expiry_timeout`` (float seconds, default 5.0): extra time granted to a store that deletes
   lazily before the suite gives up waiting for an entry to disappear.
+* ``process_timeout`` (float seconds, default 60.0): bound on each step of a client in
+  another process (its start-up, each command).
+
+There is no knob for ``wait``: a declared ``wait`` wakes within 250 ms of the store (the
+median of 21 waits; see the tests' comment), or it is not push.
 
 Decisions written into the tests:
 
@@ -50,12 +65,16 @@ Decisions written into the tests:
 * ``result``, ``children`` and ``extended`` round-trip as JSON-equal data (``True`` stays a
   bool, ``1.0`` stays a float); ``children`` may come back as ``None`` for ``[]``.
 * ``state`` comes back as a :class:`~conveyor.core.types.State` member.
+* Once ``close()`` returned, every operation raises
+  :class:`~conveyor.core.errors.ConnectionLost` (those of capabilities the backend does not
+  declare may raise ``UnsupportedFeature`` instead); ``close()`` itself may be called again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,10 +85,11 @@ import pytest
 
 from conveyor.core.base import wait_for
 from conveyor.core.capabilities import RESULT_BACKEND_CAPABILITIES, Capability
-from conveyor.core.errors import ConfigurationError, UnsupportedFeature
+from conveyor.core.errors import ConfigurationError, ConnectionLost, UnsupportedFeature
 from conveyor.core.protocols import Counters, ExpirySweep, Groups, ResultBackend, Wait
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
 from conveyor.core.urls import parse_url
+from conveyor.testing.processes import ChildProcess, ProcessRecipe
 from conveyor.testing.support import (
     REQUIRES_ATTR,
     eventually,
@@ -78,15 +98,27 @@ from conveyor.testing.support import (
     unique_name,
 )
 
-__all__ = ["ResultBackendConformance", "skip_reason"]
+__all__ = ["MakeResultBackend", "ResultBackendConformance", "SpawnResultBackend", "skip_reason"]
 
 MakeResultBackend = Callable[..., Any]
+#: ``spawn(**options) -> ChildProcess``: a client built in another process.
+SpawnResultBackend = Callable[..., ChildProcess]
 
 _UTC = timezone.utc
 _DATE_DONE = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=_UTC)
 _DATE_TOLERANCE = timedelta(milliseconds=1)
 _LONG_TTL = 300.0
 _THREADS = 8
+#: A push ``wait`` wakes within this many seconds of the store that made the record ready.
+_WAKE_BOUND = 0.25
+#: When the stores of the wake-up tests happen, in seconds after every waiter entered
+#: ``wait`` (one waiter and one store per entry; see the tests' comment).
+_WAKE_SCHEDULE = tuple(1.5 + i / 10 for i in range(21))
+_NO_RECIPE = (
+    "no result_backend_process_recipe fixture, and type(backend).from_url(backend.url) "
+    "cannot be built in another process (no url, no from_url, or a class defined in a "
+    "function): override result_backend_process_recipe"
+)
 
 
 def skip_reason(test: Any, declared: frozenset[Capability]) -> str | None:
@@ -178,11 +210,19 @@ _RETURN_VALUES: dict[str, Any] = {
 
 class ResultBackendConformance:
     """Subclass as ``Test<Something>`` and provide ``make_result_backend``; see the module
-    docstring for the fixture contract and the timing knobs."""
+    docstring for the fixture contract and the timing knobs.
+
+    Optional fixture: ``result_backend_process_recipe``, how a fresh Python process builds a
+    client on the same store (for backends declaring ``wait`` and ``cross_process``, whose
+    ``wait`` must wake within 250 ms of a store made there). By default
+    ``type(backend).from_url(backend.url)``; override it when ``make`` adds options:
+    ``ProcessRecipe("acme.results:AcmeBackend.from_url", url, {"namespace": "t"})``.
+    """
 
     short_ttl: ClassVar[float] = 1.0
     expiry_tolerance: ClassVar[float] = 1.0
     expiry_timeout: ClassVar[float] = 5.0
+    process_timeout: ClassVar[float] = 60.0
 
     # ------------------------------------------------------------------ fixtures
     @pytest.fixture
@@ -219,6 +259,35 @@ class ResultBackendConformance:
     def result_backend(self, new_result_backend: MakeResultBackend) -> Any:
         """A client built with no options."""
         return new_result_backend()
+
+    @pytest.fixture
+    def result_backend_process_recipe(self, result_backend: Any) -> ProcessRecipe:
+        """Override: how another process builds a client on the same store (module doc)."""
+        recipe = ProcessRecipe.of(result_backend)
+        if recipe is None:
+            pytest.skip(_NO_RECIPE)
+        return recipe
+
+    @pytest.fixture
+    def spawn_result_backend(
+        self, result_backend_process_recipe: ProcessRecipe
+    ) -> Iterator[SpawnResultBackend]:
+        """``spawn(**options)``: a client in a new process, killed after the test."""
+        children: list[ChildProcess] = []
+
+        def spawn(**options: Any) -> ChildProcess:
+            child = ChildProcess(
+                result_backend_process_recipe,
+                options=options,
+                timeout=self.process_timeout,
+                what="result backend",
+            )
+            children.append(child)
+            return child
+
+        yield spawn
+        for child in children:
+            child.close()
 
     @pytest.fixture(autouse=True)
     def _skip_without_capabilities(self, request: pytest.FixtureRequest) -> None:
@@ -595,6 +664,100 @@ class ResultBackendConformance:
         _assert_same_record(outcome["record"], final)
         assert outcome["woke"] - stored_at < 2.0, "wake-up took longer than 2 s"
 
+    # The two wake-up tests below measure how long after a store ``wait`` returns. Design,
+    # so that a push ``wait`` passes on a loaded CI machine and a poll loop fails for sure:
+    # * 21 waiters (threads sharing one reading client, as a client's threads do) enter
+    #   ``wait`` together; then one store per waiter follows, 1.5, 1.6, ... 3.5 s later,
+    #   each only after checking that its waiter is still inside ``wait`` (else the test
+    #   fails: a wait must not return before its record is ready).
+    # * A latency is the waiter's wake-up time minus the moment ``store`` returned (the same
+    #   monotonic clock in both processes), measured on each side, never slept.
+    # * The median of the 21 must be under 250 ms. A push wakes each waiter within
+    #   milliseconds (0-83 ms measured here on a loaded machine), and up to ten slow
+    #   wake-ups cannot fail the test. A loop that polls every P seconds wakes a waiter at
+    #   its next poll: as the waiters started together, the evenly spaced stores sweep the
+    #   whole poll period, so a share of only 0.25 / P of them wakes in time. Any period
+    #   over 0.5 s fails, not by chance but by arithmetic, and so does a backing-off poll
+    #   (``wait_for``'s, from 5 ms growing by half up to 1 s, polls at 1.29, 1.94, 2.91
+    #   and 3.91 s). tests/testing shows both failing.
+    @requires(Capability.WAIT)
+    def test_wait_wakes_within_250_ms_of_a_store_from_another_thread(
+        self, new_result_backend: MakeResultBackend
+    ) -> None:
+        reader, writer = new_result_backend(), new_result_backend()
+
+        def store(task_id: str) -> float:
+            writer.store(_record(task_id, State.SUCCESS, {"woken": task_id}))
+            return time.monotonic()
+
+        self._check_wake_latency(reader, store)
+
+    @requires(Capability.WAIT, Capability.CROSS_PROCESS)
+    def test_wait_wakes_within_250_ms_of_a_store_from_another_process(
+        self, new_result_backend: MakeResultBackend, spawn_result_backend: SpawnResultBackend
+    ) -> None:
+        reader = new_result_backend()
+        writer = spawn_result_backend()
+
+        def store(task_id: str) -> float:
+            answer = writer.request(
+                "store", task_id=task_id, state=State.SUCCESS.value, result={"woken": task_id}
+            )
+            stored_at: float = answer["at"]
+            return stored_at
+
+        self._check_wake_latency(reader, store)
+
+    def _check_wake_latency(self, reader: Any, store: Callable[[str], float]) -> None:
+        ids = [unique_name("wake") for _ in _WAKE_SCHEDULE]
+        entered = {task_id: threading.Event() for task_id in ids}
+        woke: dict[str, float] = {}
+        outcome: dict[str, Any] = {}
+
+        def waiter(task_id: str) -> None:
+            entered[task_id].set()
+            try:
+                outcome[task_id] = reader.wait(task_id, 30.0)
+            except BaseException as exc:  # reported by the test's thread
+                outcome[task_id] = exc
+            woke[task_id] = time.monotonic()
+
+        threads = [
+            threading.Thread(target=waiter, args=(t,), name=f"conformance-wait-{n}", daemon=True)
+            for n, t in enumerate(ids)
+        ]
+        for thread in threads:
+            thread.start()
+        for task_id in ids:
+            assert entered[task_id].wait(10.0), "a waiter thread did not start within 10 s"
+        start = time.monotonic()
+        stored_at: dict[str, float] = {}
+        for task_id, offset in zip(ids, _WAKE_SCHEDULE, strict=True):
+            self._wait_until(start + offset)
+            assert task_id not in woke, (
+                f"wait() returned before the record was stored: {outcome.get(task_id)!r}"
+            )
+            stored_at[task_id] = store(task_id)
+        for thread in threads:
+            thread.join(timeout=max(0.0, stored_at[ids[-1]] + 10.0 - time.monotonic()))
+        late = [t for t in ids if t not in woke]
+        assert not late, f"{len(late)} of {len(ids)} waiters not woken within 10 s of the store"
+        for task_id in ids:
+            got = outcome[task_id]
+            assert not isinstance(got, BaseException), f"wait() raised {got!r}"
+            assert isinstance(got, ResultRecord), f"wait() returned {got!r}"
+            assert (got.task_id, got.state, got.result) == (
+                task_id,
+                State.SUCCESS,
+                {"woken": task_id},
+            )
+        latencies = [woke[t] - stored_at[t] for t in ids]
+        shown = ", ".join(f"{max(0.0, x) * 1000:.0f}" for x in latencies)
+        assert statistics.median(latencies) < _WAKE_BOUND, (
+            f"wait() woke {shown} ms after the stores (median over {_WAKE_BOUND * 1000:.0f} ms):"
+            " is it polling?"
+        )
+
     @requires(Capability.WAIT)
     def test_wait_returns_the_latest_non_ready_record_after_the_timeout(
         self, result_backend: Any
@@ -847,6 +1010,61 @@ class ResultBackendConformance:
     def test_close_is_idempotent(self, new_result_backend: MakeResultBackend) -> None:
         backend = new_result_backend()
         backend.close()
+        backend.close()
+
+    def test_every_operation_of_a_closed_backend_raises_connection_lost(
+        self, new_result_backend: MakeResultBackend
+    ) -> None:
+        backend = new_result_backend()
+        record = _record(unique_name("task"), State.SUCCESS, "before close")
+        backend.store(record)  # a client that did work: its connections are open
+        _assert_same_record(backend.fetch(record.task_id), record)
+        backend.close()
+        backend.close()
+        task_id, counter, members = record.task_id, unique_name("counter"), unique_name("join")
+        group = GroupRecord(unique_name("group"), (task_id,), _DATE_DONE)
+        calls: dict[str, Callable[[], object]] = {
+            "store": lambda: backend.store(_record(task_id, State.SUCCESS, "after close")),
+            "fetch": lambda: backend.fetch(task_id),
+            "fetch_many": lambda: backend.fetch_many([task_id]),
+            "forget": lambda: backend.forget(task_id),
+        }
+        gated: dict[Capability, dict[str, Callable[[], object]]] = {
+            Capability.WAIT: {"wait": lambda: backend.wait(task_id, 0.2)},
+            Capability.COUNTERS: {
+                "incr": lambda: backend.incr(counter),
+                "add_member": lambda: backend.add_member(members, "m"),
+                "forget_key": lambda: backend.forget_key(counter),
+            },
+            Capability.GROUPS: {
+                "store_group": lambda: backend.store_group(group),
+                "fetch_group": lambda: backend.fetch_group(group.group_id),
+                "forget_group": lambda: backend.forget_group(group.group_id),
+            },
+            Capability.EXPIRY_SWEEP: {"purge_expired": lambda: backend.purge_expired()},
+        }
+        caps = _caps(backend)
+        expected: dict[str, tuple[type[BaseException], ...]] = dict.fromkeys(
+            calls, (ConnectionLost,)
+        )
+        for capability, operations in gated.items():
+            calls.update(operations)
+            # An undeclared operation may say so before it notices the client is closed.
+            refusal = (
+                (ConnectionLost,) if capability in caps else (ConnectionLost, UnsupportedFeature)
+            )
+            expected.update(dict.fromkeys(operations, refusal))
+        wrong: list[str] = []
+        for name, call in calls.items():
+            try:
+                value = call()
+            except expected[name]:
+                continue
+            except Exception as exc:
+                wrong.append(f"{name} raised {type(exc).__name__}: {exc}")
+            else:
+                wrong.append(f"{name} returned {value!r}")
+        assert not wrong, "after close(), ConnectionLost was expected, but:\n" + "\n".join(wrong)
         backend.close()
 
     def test_repr_never_shows_a_password(self, result_backend: Any) -> None:

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
-from conveyor.core.errors import ConfigurationError, DecodeError, InvalidURL
+from conveyor.core.errors import ConfigurationError, ConnectionLost, DecodeError, InvalidURL
 from conveyor.core.options import build_options
 from conveyor.core.types import ResultRecord, State
 from conveyor.core.urls import mask_url, parse_url
@@ -104,6 +104,7 @@ class SpoolResultBackend(ResultBackendBase):
         self.options = options
         self.default_ttl = options.default_ttl
         self.url = url
+        self._closed = False
         directory.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -113,6 +114,12 @@ class SpoolResultBackend(ResultBackendBase):
             raise InvalidURL(f"{mask_url(url)!r}: use spoolres:///absolute/directory")
         opts = build_options(SpoolResultBackendOptions, parsed.query, options, owner="spoolres")
         return cls(Path("/" + parsed.path), opts, url)
+
+    def _check_open(self) -> None:
+        # Nothing to release, but a closed client still refuses work, as the contract says:
+        # code that uses a client after closing it is wrong and must learn so.
+        if self._closed:
+            raise ConnectionLost(f"{self!r} is closed")
 
     def _path(self, task_id: str) -> Path:
         return self.directory / f"{hashlib.sha256(task_id.encode()).hexdigest()}.json"
@@ -140,6 +147,7 @@ class SpoolResultBackend(ResultBackendBase):
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         if ttl is not None and ttl < 0:
             raise ConfigurationError(f"ttl must be >= 0, got {ttl!r}")
+        self._check_open()
         effective = self._ttl(ttl)
         path = self._path(record.task_id)
         with self._locked():
@@ -155,18 +163,21 @@ class SpoolResultBackend(ResultBackendBase):
             os.replace(tmp, path)
 
     def fetch(self, task_id: str) -> ResultRecord | None:
+        self._check_open()
         found = self._read(self._path(task_id))
         if found is None or self._expired(found[1], time.time()):
             return None
         return found[0]
 
     def forget(self, task_id: str) -> None:
+        self._check_open()
         with self._locked(), contextlib.suppress(FileNotFoundError):
             self._path(task_id).unlink()
 
     def purge_expired(self, *, batch_size: int = 1000) -> int:
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {batch_size!r}")
+        self._check_open()
         names = [p for p in self.directory.iterdir() if p.suffix == ".json"]
         deleted = 0
         for start in range(0, len(names), batch_size):
@@ -180,4 +191,5 @@ class SpoolResultBackend(ResultBackendBase):
         return deleted
 
     def close(self) -> None:
-        """Nothing to release; idempotent."""
+        """Nothing to release; idempotent. Every later operation raises ConnectionLost."""
+        self._closed = True

@@ -14,6 +14,7 @@ import pytest
 from amqpsupport import UNREACHABLE_AMQP_URL, QueueJanitor, amqp_url, janitor  # noqa: F401
 
 from conveyor.testing.broker import BrokerConformance, BrokerFactory
+from conveyor.testing.processes import ProcessRecipe
 from conveyor.transports.amqp import AMQPBroker, AMQPPriorityBroker
 
 
@@ -26,6 +27,14 @@ class TestAMQPBroker(BrokerConformance):
             return janitor.track(AMQPBroker.from_url(janitor.url, **{**self.options, **options}))
 
         return make
+
+    @pytest.fixture
+    def broker_process_recipe(self, janitor: QueueJanitor) -> ProcessRecipe:  # noqa: F811
+        # The options are not in the URL, and another process must declare the queues it
+        # uses with the same arguments (a quorum queue refuses a classic declaration).
+        return ProcessRecipe(
+            "conveyor.transports.amqp:AMQPBroker.from_url", janitor.url, dict(self.options)
+        )
 
     @pytest.fixture
     def unreachable_broker(self) -> Callable[[], AMQPBroker]:

@@ -14,6 +14,7 @@ import pytest
 from redissupport import REDIS_URL, closed_port_url, delete_keys, require_redis
 
 from conveyor.testing.broker import BrokerConformance, BrokerFactory
+from conveyor.testing.processes import ProcessRecipe
 from conveyor.transports.redis import RedisBroker
 
 TEN_STEPS = "0,1,2,3,4,5,6,7,8,9"
@@ -31,6 +32,14 @@ class TestRedisBroker(BrokerConformance):
         yield make
         delete_keys(probe, "_kombu.binding.conformance-*")
         probe.close()
+
+    @pytest.fixture
+    def broker_process_recipe(self) -> ProcessRecipe:
+        return ProcessRecipe(
+            "conveyor.transports.redis:RedisBroker.from_url",
+            REDIS_URL,
+            {"priority_steps": TEN_STEPS},
+        )
 
     @pytest.fixture
     def unreachable_broker_url(self) -> str:

@@ -17,6 +17,7 @@ from amqpsupport import amqp_url  # noqa: F401
 
 from conveyor.backends.rpc import RPCResultBackend
 from conveyor.core.errors import ConveyorError
+from conveyor.testing.processes import ProcessRecipe
 from conveyor.testing.result_backend import ResultBackendConformance
 from conveyor.testing.support import unique_name
 from conveyor.transports.amqp import AMQPBroker
@@ -24,9 +25,15 @@ from conveyor.transports.amqp import AMQPBroker
 
 class TestRPCResultBackend(ResultBackendConformance):
     @pytest.fixture
-    def make_result_backend(self, amqp_url: str) -> Iterator[Callable[..., Any]]:  # noqa: F811
-        reply_to = unique_name("rpc-replies")
+    def reply_to(self) -> str:
+        return unique_name("rpc-replies")
 
+    @pytest.fixture
+    def make_result_backend(
+        self,
+        amqp_url: str,  # noqa: F811
+        reply_to: str,
+    ) -> Iterator[Callable[..., Any]]:
         def make(**options: Any) -> RPCResultBackend:
             return RPCResultBackend.from_url(
                 "rpc://", broker_url=amqp_url, reply_to=reply_to, **options
@@ -39,3 +46,16 @@ class TestRPCResultBackend(ResultBackendConformance):
                 deleter.delete_queue(reply_to, dead_letters=False)
         finally:
             deleter.close()
+
+    @pytest.fixture
+    def result_backend_process_recipe(
+        self,
+        amqp_url: str,  # noqa: F811
+        reply_to: str,
+    ) -> ProcessRecipe:
+        # A writer in another process: a worker publishing to this test's reply queue.
+        return ProcessRecipe(
+            "conveyor.backends.rpc:RPCResultBackend.from_url",
+            "rpc://",
+            {"broker_url": amqp_url, "reply_to": reply_to},
+        )
