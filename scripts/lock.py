@@ -2,7 +2,8 @@
 """conveyor's lock, constraints.txt: write it, check that it is current, verify an env against it.
 
 Usage (from the repository root; the Makefile runs these):
-    scripts/lock.py write [--upgrade]   rewrite constraints.txt with uv (`make lock`,
+    scripts/lock.py write [--upgrade]   rewrite constraints.txt (and the test server's
+                                        scripts/mongo-test-server.txt) with uv (`make lock`,
                                         `make lock-upgrade`)
     scripts/lock.py check               fail when pyproject.toml or tox.ini changed their
                                         dependencies since the lock was written
@@ -27,9 +28,10 @@ with the editable install of `make venv`, and a release on PyPI can never be rep
 a version pin selects the same code.
 
 The lock's header records a hash of its inputs (pyproject.toml's dependencies, every extra,
-requires-python and build-system.requires; every `deps` line of tox.ini; the extra inputs
-and uv options below). `check` recomputes it: `make test`, `make venv` and tox's `lint` env
-refuse a lock written for other inputs, instead of testing something nobody locked.
+requires-python and build-system.requires; every `deps` line of tox.ini; the test server's
+spec in scripts/services.sh; the extra inputs and uv options below). `check` recomputes it:
+`make test`, `make venv` and tox's `lint` env refuse a lock written for other inputs, instead
+of testing something nobody locked.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ PROJECT = "conveyor"  # the package itself is built from the tree, never pinned
 # Installed into the dev venv besides the project (make venv): pip itself, so the installer
 # of `make venv` is pinned too.
 EXTRA_INPUTS = ["pip"]
-UV_OPTIONS = ["--universal", "--all-extras", "--no-config"]
+UV_OPTIONS = ["--universal", "--no-config"]
+# The MongoDB-protocol test server (SecantusDB, GPL-2.0: a test-time tool, never a dependency
+# of conveyor) lives in its own venv, which scripts/services.sh installs with this lock. Its
+# spec is read from services.sh, so the pin stays in one place.
+SERVICES = ROOT / "scripts" / "services.sh"
+SERVER_LOCK = ROOT / "scripts" / "mongo-test-server.txt"
+SERVER_SPEC = re.compile(r"^SECANTUS_SPEC='([^']+)'", re.MULTILINE)
 HASH_PREFIX = "# inputs-sha256: "
 # Put into a venv by the tool that created it (virtualenv's or uv's seed, Python's ensurepip),
 # not installed from the lock: their versions follow the pinned virtualenv/uv/Python. `make
@@ -66,6 +74,10 @@ HEADER = """\
 # Do not edit: `make lock` rewrites it from pyproject.toml and tox.ini, keeping the pins that
 # still fit; `make lock-upgrade` takes the newest releases. Why a constraints file:
 # scripts/lock.py. `make test` refuses to run when the inputs no longer match this hash.
+"""
+SERVER_HEADER = """\
+# The MongoDB-protocol test server's venv (scripts/services.sh installs SecantusDB with -c
+# this file). Written by `make lock` with constraints.txt, whose hash covers its spec.
 """
 
 
@@ -111,7 +123,15 @@ def lock_inputs(tomllib: object) -> dict[str, object]:
         "tox.ini deps": tox_deps(),
         "extra inputs": EXTRA_INPUTS,
         "uv options": UV_OPTIONS,
+        "test server": server_spec(),
     }
+
+
+def server_spec() -> str:
+    match = SERVER_SPEC.search(SERVICES.read_text())
+    if not match:
+        sys.exit(f"lock.py: no SECANTUS_SPEC='...' line in {SERVICES.relative_to(ROOT)}")
+    return match.group(1)
 
 
 def inputs_hash(inputs: dict[str, object]) -> str:
@@ -155,9 +175,11 @@ def cmd_check() -> int:
         return 0
     what = "is missing" if not LOCK.exists() else "was written for other dependencies"
     print(
-        f"lock.py: {LOCK.name} {what}: pyproject.toml or tox.ini changed their dependencies "
-        f"since `make lock`.\n  Run `make lock` (keeps the pins that still fit) and commit "
-        f"{LOCK.name} with the change.\n  recorded {found}\n  expected {expected}",
+        f"lock.py: {LOCK.name} {what}: its inputs (pyproject.toml's dependencies, tox.ini's "
+        f"deps, services.sh's SECANTUS_SPEC) changed since `make lock`.\n"
+        f"  Run `make lock` (keeps the pins that still fit) and commit {LOCK.name} and "
+        f"{SERVER_LOCK.relative_to(ROOT)} with the change.\n"
+        f"  recorded {found}\n  expected {expected}",
         file=sys.stderr,
     )
     return 1
@@ -177,9 +199,34 @@ def min_python(requires_python: str) -> str:
     return match.group(1)
 
 
+def compile_lock(
+    uv: str, sources: list[Path], out: Path, python: str, upgrade: bool, *options: str
+) -> None:
+    """Resolve `sources` into `out` (kept pins of an existing `out` preferred unless upgrading)."""
+    command = [
+        uv,
+        "pip",
+        "compile",
+        *UV_OPTIONS,
+        *options,
+        "--python-version",
+        python,
+        "--quiet",
+        "--custom-compile-command",
+        "make lock",
+        *(["--upgrade"] if upgrade else []),
+        *map(str, sources),
+        "--output-file",
+        str(out),
+    ]
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
 def cmd_write(upgrade: bool) -> int:
     tomllib = need_toml()
     inputs = lock_inputs(tomllib)
+    uv = find_uv()
+    python = min_python(str(inputs["requires-python"]))
     with tempfile.TemporaryDirectory() as tmp:
         # What pyproject.toml's [project] does not say: tox.ini's deps, the build backend (for
         # tox's .pkg env) and pip. uv reads the project's dependencies and extras itself.
@@ -191,26 +238,18 @@ def cmd_write(upgrade: bool) -> int:
         out = Path(tmp) / "constraints.txt"
         if LOCK.exists() and not upgrade:
             shutil.copyfile(LOCK, out)  # uv keeps the versions of an existing output file
-        command = [
-            find_uv(),
-            "pip",
-            "compile",
-            *UV_OPTIONS,
-            "--python-version",
-            min_python(str(inputs["requires-python"])),
-            "--quiet",
-            "--custom-compile-command",
-            "make lock",
-            *(["--upgrade"] if upgrade else []),
-            "pyproject.toml",
-            str(extra_in),
-            "--output-file",
-            str(out),
-        ]
-        subprocess.run(command, cwd=ROOT, check=True)
+        compile_lock(uv, [Path("pyproject.toml"), extra_in], out, python, upgrade, "--all-extras")
         body = out.read_text().replace(f"-r {extra_in}", "tox.ini deps, build-system, pip")
+        server_in = Path(tmp) / "secantus-spec-in-services-sh.in"
+        server_in.write_text(server_spec() + "\n")
+        server_out = Path(tmp) / SERVER_LOCK.name
+        if SERVER_LOCK.exists() and not upgrade:
+            shutil.copyfile(SERVER_LOCK, server_out)
+        compile_lock(uv, [server_in], server_out, python, upgrade)
+        server_body = server_out.read_text().replace(f"-r {server_in}", "services.sh")
+    SERVER_LOCK.write_text(SERVER_HEADER + server_body)
     LOCK.write_text(HEADER + HASH_PREFIX + inputs_hash(inputs) + "\n" + body)
-    print(f"lock.py: wrote {LOCK.name}; commit it with the pyproject.toml/tox.ini change")
+    print(f"lock.py: wrote {LOCK.name} and {SERVER_LOCK.relative_to(ROOT)}: commit them")
     return 0
 
 
