@@ -5,8 +5,8 @@ Usage (from the repository root; the Makefile runs these):
     scripts/lock.py write [--upgrade]   rewrite constraints.txt (and the test server's
                                         scripts/mongo-test-server.txt) with uv (`make lock`,
                                         `make lock-upgrade`)
-    scripts/lock.py check               fail when pyproject.toml or tox.ini changed their
-                                        dependencies since the lock was written
+    scripts/lock.py check               fail when the lock's inputs (pyproject.toml, tox.ini's
+                                        deps, services.sh's SECANTUS_SPEC) changed since then
     scripts/lock.py verify [--ignore-seed] [--against FILE] [--report FILE]
                                         compare what this interpreter has installed with the lock
 
@@ -23,9 +23,9 @@ core imports no driver), each at the locked version.
 One universal resolution (`uv pip compile --universal`) covers Python 3.10 to 3.13 on every
 platform: where the newest release of a package dropped an older Python (pymongo, SQLAlchemy
 and numpy need 3.11 now), the lock pins it once per Python version with a marker, so each
-interpreter gets the newest release it can run. No hashes: pip refuses them
-with the editable install of `make venv`, and a release on PyPI can never be replaced, so
-a version pin selects the same code.
+interpreter gets the newest release it can run. No hashes: pip refuses them with the editable
+install of `make venv`, and a release on PyPI can never be replaced, so a version pin selects
+the same code.
 
 The lock's header records a hash of its inputs (pyproject.toml's dependencies, every extra,
 requires-python and build-system.requires; every `deps` line of tox.ini; the test server's
@@ -56,8 +56,8 @@ PROJECT = "conveyor"  # the package itself is built from the tree, never pinned
 EXTRA_INPUTS = ["pip"]
 UV_OPTIONS = ["--universal", "--no-config"]
 # The MongoDB-protocol test server (SecantusDB, GPL-2.0: a test-time tool, never a dependency
-# of conveyor) lives in its own venv, which scripts/services.sh installs with this lock. Its
-# spec is read from services.sh, so the pin stays in one place.
+# of conveyor) lives in its own venv, which scripts/services.sh installs with its own lock,
+# written here too. Its spec is read from services.sh, so the pin stays in one place.
 SERVICES = ROOT / "scripts" / "services.sh"
 SERVER_LOCK = ROOT / "scripts" / "mongo-test-server.txt"
 SERVER_SPEC = re.compile(r"^SECANTUS_SPEC='([^']+)'", re.MULTILINE)
