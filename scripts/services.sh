@@ -24,7 +24,10 @@ set -euo pipefail
 WAIT_SECONDS=${SERVICE_WAIT_SECONDS:-60}
 LOG_DIR=${CONVEYOR_SERVICES_LOG_DIR:-/var/log/conveyor}
 MONGO_VENV=${CONVEYOR_MONGO_TEST_VENV:-/opt/mongo-test}
+# The server's own dependencies are pinned too, by scripts/mongo-test-server.txt, which
+# `make lock` writes from this line (scripts/lock.py reads it).
 SECANTUS_SPEC='SecantusDB==0.7.0b3'
+SECANTUS_LOCK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/mongo-test-server.txt
 HOST=127.0.0.1
 APT_UPDATED=0
 STARTED=0  # set when this run started the current service
@@ -213,7 +216,7 @@ ensure_mongodb() {
         need_root "installing $SECANTUS_SPEC into $MONGO_VENV"
         say "mongodb: installing $SECANTUS_SPEC into $MONGO_VENV (its own venv: it is GPL-2.0)"
         python3 -m venv "$MONGO_VENV"
-        "$MONGO_VENV/bin/pip" install -q "$SECANTUS_SPEC" </dev/null >>"$LOG_DIR/mongodb-install.log" 2>&1 \
+        "$MONGO_VENV/bin/pip" install -q --constraint "$SECANTUS_LOCK" "$SECANTUS_SPEC" </dev/null >>"$LOG_DIR/mongodb-install.log" 2>&1 \
             || die "mongodb: pip install $SECANTUS_SPEC failed (see $LOG_DIR/mongodb-install.log)"
     fi
     # SecantusDB keeps everything in memory and slows down as its change log grows (about
