@@ -312,7 +312,7 @@ def test_conveyor_check_errors_keep_their_type_and_lose_their_chain() -> None:
     from conveyor.runtime.check import run_check
 
     with pytest.raises(InvalidURL) as info:
-        run_check(f"redis://u:{MARK}1@h:bad/0")
+        run_check(f"memory://u:{MARK}1@h:bad/0")
     assert MARK not in str(info.value)
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__
