@@ -30,17 +30,18 @@ in); safe from any thread.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from conveyor.core.compression import DEFAULT_MAX_SIZE, compress, decompress
+from conveyor.core.compression import BUILTIN_METHODS, DEFAULT_MAX_SIZE, compress, decompress
 from conveyor.core.errors import (
     ConfigurationError,
     DecodeError,
@@ -500,12 +501,16 @@ def _parse_time(value: Any, name: str, *, utc: bool = True) -> datetime | None:
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError as exc:
-            raise DecodeError(f"{name} is not an ISO-8601 time: {value!r}") from exc
+            raise DecodeError(f"{name} is not an ISO-8601 time: {_brief(value)}") from exc
     else:
         raise DecodeError(f"{name} must be an ISO-8601 string, got {type(value).__name__}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         # v2: UTC (documented deviation); v1 with utc=false: the local timezone, as Celery.
         parsed = parsed.replace(tzinfo=_UTC) if utc else parsed.astimezone()
+    try:
+        parsed.astimezone(_UTC)  # in range once in UTC: readers compare and convert it
+    except OverflowError:
+        raise DecodeError(f"{name} is out of range: {_brief(value)}") from None
     return parsed
 
 
@@ -594,6 +599,20 @@ def build_envelope(
     )
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: values from outside may be huge."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile object's __repr__, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _malformed(what: str, exc: Exception) -> DecodeError:
+    """The one translation of an unexpected exception while decoding into a DecodeError."""
+    return DecodeError(f"malformed {what}: {type(exc).__name__}: {_brief(str(exc), 200)}")
+
+
 def peek(envelope: Envelope) -> TaskPeek:
     """Read task name, id, eta and expires from the headers only (no body decoding).
 
@@ -602,9 +621,24 @@ def peek(envelope: Envelope) -> TaskPeek:
     None and only :func:`parse_envelope` can tell more.
 
     Raises:
-        DecodeError: ``eta``/``expires`` is present but not a valid time.
+        DecodeError: the headers are not a map, or ``eta``/``expires`` is present but not a
+            valid time. Nothing else, whatever the input: any other exception while reading
+            is raised as a ``DecodeError`` chained to it.
     """
-    headers = envelope.headers or {}
+    try:
+        return _peek(envelope)
+    except SerializationError:
+        raise
+    except Exception as exc:  # OverflowError, RecursionError, AttributeError, ...
+        raise _malformed("message headers", exc) from exc
+
+
+def _peek(envelope: Envelope) -> TaskPeek:
+    headers: Any = envelope.headers  # typed a mapping; from outside it may be anything
+    if headers is None:
+        headers = {}
+    elif not isinstance(headers, _MAP):
+        raise DecodeError(f"message headers must be a map, got {type(headers).__name__}")
     task = headers.get("task")
     if not isinstance(task, str):
         return TaskPeek(None, envelope.id, None, None)
@@ -618,17 +652,24 @@ def peek(envelope: Envelope) -> TaskPeek:
 
 
 def _decode_body(
-    envelope: Envelope, reg: SerializerRegistry, accept: Any, max_size: int | None
+    envelope: Envelope,
+    reg: SerializerRegistry,
+    accept: Any,
+    max_size: int | None,
+    accept_compression: Collection[str] | str | None,
 ) -> Any:
     # Refuse disallowed content before spending anything on decompression.
-    reg.check_accept(envelope.content_type, accept)
+    content_type = envelope.content_type
+    if not isinstance(content_type, str):
+        raise DecodeError(f"content type must be a string, got {type(content_type).__name__}")
+    reg.check_accept(content_type, accept)
     body = envelope.body
     method = (envelope.headers or {}).get("compression")
     if method:
         if not isinstance(method, str):
-            raise DecodeError(f"compression header must be a string, got {method!r}")
+            raise DecodeError(f"compression header must be a string, got {_brief(method)}")
         try:
-            body = decompress(body, method, max_size=max_size)
+            body = decompress(body, method, max_size=max_size, accept=accept_compression)
         except ConfigurationError as exc:  # unknown or uninstalled: the message is unusable
             raise DecodeError(f"cannot decompress message body: {exc}") from exc
     return reg.decode(body, envelope.content_type, envelope.content_encoding, accept=accept)
@@ -653,13 +694,43 @@ def _int(fields: Mapping[str, Any], key: str, default: int | None) -> Any:
         return default
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise DecodeError(f"header {key!r} must be an integer, got {value!r}")
+    raise DecodeError(f"header {key!r} must be an integer, got {_brief(value)}")
+
+
+#: The range of the integer headers (``retries``, ``group_index``, ``replaced_task_nesting``):
+#: a SQL INTEGER column holds them, and no sender counts further.
+_MAX_COUNT = 2**31 - 1
+#: The largest ``timelimit`` entry accepted, in seconds (about 31 years): timers overflow
+#: somewhere beyond, and no task asks for more.
+MAX_TIME_LIMIT = 1e9
+
+
+def _count(fields: Mapping[str, Any], key: str, default: int | None) -> Any:
+    value = _int(fields, key, default)
+    if value is not None and not 0 <= value <= _MAX_COUNT:
+        raise DecodeError(f"header {key!r} must be 0..{_MAX_COUNT}, got {_brief(value)}")
+    return value
 
 
 def _seconds(value: Any) -> float | None:
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise DecodeError(f"timelimit entries must be numbers or null, got {value!r}")
+    """One ``timelimit`` entry: None, or a finite number of seconds 0..MAX_TIME_LIMIT.
+
+    Anything else (text, NaN, infinities, negative or huge values, booleans) is a
+    DecodeError: running a task without the limit its sender asked for would be wrong, so
+    the message is refused rather than the entry ignored. 0 means no limit, as in Celery.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if 0.0 <= seconds <= MAX_TIME_LIMIT:  # NaN fails both comparisons
+            return value
+    raise DecodeError(
+        f"timelimit entries must be null or seconds 0..{MAX_TIME_LIMIT:.0f}, got {_brief(value)}"
+    )
 
 
 def _signatures(value: Any, key: str) -> list[Signature] | None:
@@ -683,9 +754,9 @@ def _task_message(
     """Validate decoded parts and build the message; every failure is a DecodeError."""
     task, task_id = fields.get("task"), fields.get("id")
     if not isinstance(task, str) or not task:
-        raise DecodeError(f"task name must be a non-empty string, got {task!r}")
+        raise DecodeError(f"task name must be a non-empty string, got {_brief(task)}")
     if not isinstance(task_id, str) or not task_id:
-        raise DecodeError(f"task id must be a non-empty string, got {task_id!r}")
+        raise DecodeError(f"task id must be a non-empty string, got {_brief(task_id)}")
     if not isinstance(args, (list, tuple)):
         raise DecodeError(f"task args must be a list, got {type(args).__name__}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -704,7 +775,7 @@ def _task_message(
     elif isinstance(timelimit, (list, tuple)) and len(timelimit) == 2:
         limits = (_seconds(timelimit[0]), _seconds(timelimit[1]))
     else:
-        raise DecodeError(f"timelimit must be [hard, soft], got {timelimit!r}")
+        raise DecodeError(f"timelimit must be [hard, soft], got {_brief(timelimit)}")
 
     stamped = fields.get("stamped_headers")
     if stamped is not None and not (
@@ -717,6 +788,8 @@ def _task_message(
     ignore_result = fields.get("ignore_result")
     skip = _PROTOCOL_HEADERS.union(stamped) if stamped else _PROTOCOL_HEADERS
     extras = {k: v for k, v in extras_from.items() if k not in skip}
+    if not all(isinstance(k, str) for k in extras):
+        raise DecodeError("header names must be strings")
 
     return TaskMessage(
         task=task,
@@ -729,18 +802,18 @@ def _task_message(
         chord=chord,
         eta=_parse_time(fields.get("eta"), "eta", utc=utc),
         expires=_parse_time(fields.get("expires"), "expires", utc=utc),
-        retries=_int(fields, "retries", 0),
+        retries=_count(fields, "retries", 0),
         timelimit=limits,
         root_id=_str_or_none(fields, "root_id"),
         parent_id=_str_or_none(fields, "parent_id"),
         group=_str_or_none(fields, "group"),
-        group_index=_int(fields, "group_index", None),
+        group_index=_count(fields, "group_index", None),
         shadow=_text_or_none(fields, "shadow"),
         origin=_text_or_none(fields, "origin"),
         ignore_result=bool(ignore_result),
         stamped_headers=tuple(stamped) if stamped is not None else None,
         stamps=dict(stamps),
-        replaced_task_nesting=_int(fields, "replaced_task_nesting", 0),
+        replaced_task_nesting=_count(fields, "replaced_task_nesting", 0),
         headers=extras,
         reply_to=envelope.reply_to,
         priority=envelope.priority,
@@ -756,6 +829,7 @@ def parse_envelope(
     accept: Any = None,
     serializers: SerializerRegistry | None = None,
     max_size: int | None = DEFAULT_MAX_SIZE,
+    accept_compression: Collection[str] | str | None = BUILTIN_METHODS,
 ) -> TaskMessage:
     """Decode a Celery task message of any 5.x form.
 
@@ -769,18 +843,42 @@ def parse_envelope(
         accept: serializer names and/or content types allowed (ideally a frozenset from
             :meth:`SerializerRegistry.normalize_accept`); None means JSON only.
         serializers: registry; the default one when None.
-        max_size: limit on the decompressed body in bytes (None: no limit).
+        max_size: limit on the decompressed body in bytes (None: no limit); decoding stops
+            there, it does not inflate first and measure after.
+        accept_compression: compression methods allowed (the ``accept_compression``
+            setting, ideally normalized once with
+            :func:`~conveyor.core.compression.normalize_accept_compression`); None or
+            empty: a compressed message is refused.
 
     Raises:
-        ContentDisallowed: the content type is not accepted (checked before anything else).
+        ContentDisallowed: the content type or the compression method is not accepted
+            (checked before anything is decoded).
         DecodeError: corrupt or oversized body, bad compression header, wrong body shape,
-            or a header of the wrong type. Dead-letter such messages.
+            or a header of the wrong type or out of range. Dead-letter such messages.
+            Nothing else is raised for any input: an unexpected exception while decoding
+            (OverflowError, RecursionError, a missing codec, ...) becomes a DecodeError
+            chained to it.
     """
+    try:
+        return _parse_envelope(envelope, accept, serializers, max_size, accept_compression)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _malformed("task message", exc) from exc
+
+
+def _parse_envelope(
+    envelope: Envelope,
+    accept: Any,
+    serializers: SerializerRegistry | None,
+    max_size: int | None,
+    accept_compression: Collection[str] | str | None,
+) -> TaskMessage:
     reg = serializers if serializers is not None else default_serializers
     headers = envelope.headers if envelope.headers is not None else {}
     if not isinstance(headers, _MAP):
-        raise DecodeError("message headers must be a map")
-    body = _decode_body(envelope, reg, accept, max_size)
+        raise DecodeError(f"message headers must be a map, got {type(headers).__name__}")
+    body = _decode_body(envelope, reg, accept, max_size, accept_compression)
 
     if "task" in headers:
         if isinstance(body, (list, tuple)):
@@ -894,15 +992,25 @@ def record_from_meta(meta: Mapping[str, Any], task_id: str | None = None) -> Res
         ``kwargs``, ``worker``, ``retries``, ``queue``, stamps) land in ``extended``.
 
     Raises:
-        DecodeError: not a map, unknown status, no usable task id, bad ``date_done``.
+        DecodeError: not a map, unknown status, no usable task id, bad ``date_done``; any
+            unexpected exception while reading is raised as one, chained.
     """
+    try:
+        return _record_from_meta(meta, task_id)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _malformed("result meta", exc) from exc
+
+
+def _record_from_meta(meta: Mapping[str, Any], task_id: str | None) -> ResultRecord:
     if not isinstance(meta, Mapping):
         raise DecodeError(f"result meta must be a map, got {type(meta).__name__}")
     status = meta.get("status")
     try:
         state = State(status)
     except ValueError:
-        raise DecodeError(f"unknown task state {status!r} in result meta") from None
+        raise DecodeError(f"unknown task state {_brief(status)} in result meta") from None
     tid = task_id if task_id is not None else meta.get("task_id", meta.get("_id"))
     if not isinstance(tid, str) or not tid:
         raise DecodeError("result meta has no task id")
@@ -971,6 +1079,7 @@ def decode_meta(
     serializers: SerializerRegistry | None = None,
     task_id: str | None = None,
     max_size: int | None = DEFAULT_MAX_SIZE,
+    accept_compression: Collection[str] | str | None = BUILTIN_METHODS,
 ) -> ResultRecord:
     """Parse a stored result payload (Redis/memcached value, SQL/Mongo ``result`` aside).
 
@@ -983,27 +1092,40 @@ def decode_meta(
         accept: allowed serializers; None means JSON only.
         serializers: registry; the default one when None.
         task_id: the id, when the payload lacks ``task_id``.
-        max_size: decompression limit in bytes.
+        max_size: decompression limit in bytes; decoding stops there.
+        accept_compression: compression methods allowed (see :func:`parse_envelope`).
 
     Raises:
-        ContentDisallowed: ``serializer`` is not accepted.
-        DecodeError: corrupt payload or not a result meta.
-        ConfigurationError: unknown ``serializer``.
+        ContentDisallowed: ``serializer`` or the payload's compression is not accepted.
+        DecodeError: corrupt payload or not a result meta; any unexpected exception while
+            decoding is raised as one, chained.
+        ConfigurationError: unknown ``serializer`` (the reader's configuration, not the
+            payload).
     """
     reg = serializers if serializers is not None else default_serializers
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     ser = reg.get(serializer)
     reg.check_accept(ser.content_type, accept)
-    if raw.startswith(COMPRESSED_RESULT_MARKER):
-        mime, sep, packed = raw[len(COMPRESSED_RESULT_MARKER) :].partition(b"\x00")
-        if not sep:
-            raise DecodeError("compressed result payload has no compression type")
-        try:
-            raw = decompress(packed, mime.decode("ascii", "replace"), max_size=max_size)
-        except ConfigurationError as exc:
-            raise DecodeError(f"cannot decompress result payload: {exc}") from exc
-    meta = reg.decode(raw, ser.content_type, ser.content_encoding, accept=accept)
-    return record_from_meta(meta, task_id)
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if raw.startswith(COMPRESSED_RESULT_MARKER):
+            mime, sep, packed = raw[len(COMPRESSED_RESULT_MARKER) :].partition(b"\x00")
+            if not sep:
+                raise DecodeError("compressed result payload has no compression type")
+            try:
+                raw = decompress(
+                    packed,
+                    mime.decode("ascii", "replace"),
+                    max_size=max_size,
+                    accept=accept_compression,
+                )
+            except ConfigurationError as exc:
+                raise DecodeError(f"cannot decompress result payload: {exc}") from exc
+        meta = reg.decode(raw, ser.content_type, ser.content_encoding, accept=accept)
+        return record_from_meta(meta, task_id)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _malformed("result payload", exc) from exc
 
 
 # ============================================================================== exceptions
@@ -1122,8 +1244,18 @@ def group_from_meta(meta: Any, group_id: str | None = None) -> GroupRecord:
         group_id: the id for shapes that do not carry it (the MongoDB list).
 
     Raises:
-        DecodeError: none of these shapes, or no group id.
+        DecodeError: none of these shapes, or no group id; any unexpected exception while
+            reading is raised as one, chained.
     """
+    try:
+        return _group_from_meta(meta, group_id)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _malformed("group result", exc) from exc
+
+
+def _group_from_meta(meta: Any, group_id: str | None) -> GroupRecord:
     done = None
     result = meta
     if isinstance(meta, Mapping):

@@ -115,14 +115,23 @@ class DecodeError(SerializationError):
 
 
 class ContentDisallowed(SerializationError):
-    """A payload's content type is not in the accept list."""
+    """A payload's content type (or compression method) is not in the accept list.
 
-    def __init__(self, content_type: str, accepted: Iterable[str]) -> None:
+    Args:
+        content_type: the refused content type, or compression MIME type.
+        accepted: what the accept list allows.
+        what: ``"content type"``, or ``"compression"`` for the ``accept_compression`` list.
+    """
+
+    def __init__(
+        self, content_type: str, accepted: Iterable[str], *, what: str = "content type"
+    ) -> None:
         self.content_type = content_type
         self.accepted = sorted(accepted)
+        self.what = what
+        where = "accept_compression" if what == "compression" else "the accept list"
         super().__init__(
-            f"refusing to decode content type {content_type!r}: not in the accept list "
-            f"{self.accepted}"
+            f"refusing to decode {what} {content_type!r}: not in {where} {self.accepted}"
         )
 
 

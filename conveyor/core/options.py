@@ -91,6 +91,16 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def _why(key: str, exc: Exception) -> str:
+    """The reason a value was refused, never showing a secret: the conversion error names
+    the value (``invalid literal for int(): 'hunter2'``)."""
+    from conveyor.core.urls import is_secret_key, mask_text
+
+    if is_secret_key(key):
+        return f"{type(exc).__name__} (the value is not shown: {key!r} names a secret)"
+    return mask_text(str(exc))
+
+
 def build_options(
     cls: type[T],
     query: Mapping[str, str] | None = None,
@@ -129,8 +139,8 @@ def build_options(
                 )
             try:
                 values[key] = _convert(raw, hints[key], key)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise ConfigurationError(
-                    f"bad value for option {key!r} of {owner or cls.__name__}: {exc}"
+                    f"bad value for option {key!r} of {owner or cls.__name__}: {_why(key, exc)}"
                 ) from None
     return cls(**values)

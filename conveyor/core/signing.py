@@ -33,6 +33,31 @@ steps), and the delay (a broker holds a message; the ``eta`` header is signed).
 The header's value is ``"v1:" + hex digest``. Results are not signed: protect the result
 store with its own credentials.
 
+Replay is a known limit, by design. A signature proves which key made a message, not that
+the message is new: whoever can read a signed message (off the broker, or off the network
+without TLS) and publish to the broker can publish the same bytes again, and workers will
+verify and run it again, with the same task, arguments and task id. A second copy of an id
+cannot be refused, because at-least-once delivery makes legitimate ones (a redelivery after
+a lost ack, a publish retried after a timeout), and remembering every id seen would need a
+store kept as long as a message may wait (an ``eta`` months ahead). A built-in signed expiry
+would revoke legitimate messages that waited in a backlog longer than it. What the signature
+does bound: a replay cannot change the task, its arguments, its id, ``eta``, ``expires``,
+``retries`` or any other signed header, and its result lands under the same id. To narrow
+replay further:
+
+* make tasks idempotent (at-least-once delivery needs that anyway);
+* give sensitive tasks ``expires`` (signed): an expired message is revoked, never run, so a
+  captured message is worthless after that time;
+* keep the broker private: TLS (``rediss://``, ``amqps://``, TLS options for MongoDB and
+  SQL) so messages cannot be read in flight, and broker credentials or ACLs so that only
+  producers can publish.
+
+Not signed, so changeable by anyone who can publish: the queue a message is published to (a
+signed message can be made to run on another queue whose workers know the task), its
+priority, the envelope id, and ``x-`` headers (the brokers' own: a forged delivery count can
+get a message dead-lettered early). Rotating keys does not void captured messages signed by a
+key that is still in the list.
+
 Thread-safety: :class:`Signer` is immutable; share it freely.
 """
 

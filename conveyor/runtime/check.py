@@ -1,4 +1,9 @@
-"""``conveyor check URL``: connect, run round trips, report capabilities and latency."""
+"""``conveyor check URL``: connect, run round trips, report capabilities and latency.
+
+Everything :func:`run_check` raises is a :class:`~conveyor.core.errors.ConveyorError` whose
+message went through :func:`~conveyor.core.urls.mask_text` and whose chain is cut: a
+driver's error text may quote the URL, a DSN or an option map, and the CLI prints it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,15 @@ import time
 import uuid
 from typing import Any
 
-from conveyor.core.errors import ConfigurationError, MissingDependency, OperationTimeout
+from conveyor.core.errors import (
+    ConfigurationError,
+    ConveyorError,
+    MissingDependency,
+    OperationTimeout,
+)
 from conveyor.core.registry import default_registry
 from conveyor.core.types import Envelope, ResultRecord, State
+from conveyor.core.urls import mask_text, refuse_ambiguous_credentials
 
 __all__ = ["percentile", "run_check"]
 
@@ -50,12 +61,35 @@ def run_check(url: str, *, kind: str = "auto", rounds: int = 20) -> tuple[list[R
         backend").
 
     Raises:
-        ConveyorError: the URL is bad, the driver is missing, or the server failed.
+        ConveyorError: the URL is bad, the driver is missing, or the server failed. Its
+            message is masked (no password, no secret option) and its cause chain cut, so
+            printing it, or its traceback, shows no secret. Any other exception comes back
+            as a plain ``ConveyorError`` naming the original type.
     """
     rounds = max(1, rounds)
-    if _kind_of(url, kind) == "broker":
-        return _check_broker(url, rounds)
-    return _check_backend(url, rounds)
+    try:
+        # Before any store sees it: a driver may read such a URL's secret as a host name.
+        refuse_ambiguous_credentials(url)
+        if _kind_of(url, kind) == "broker":
+            return _check_broker(url, rounds)
+        return _check_backend(url, rounds)
+    except ConveyorError as exc:
+        # Same type and attributes (callers match on them); only the text is masked.
+        exc.args = (masked_error_text(exc),)
+        raise exc from None
+    except Exception as exc:
+        raise ConveyorError(masked_error_text(exc)) from None
+
+
+def masked_error_text(exc: BaseException) -> str:
+    """``str(exc)`` (with its type when it is not conveyor's) fit to print: masked."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the failure itself
+        text = ""
+    if not isinstance(exc, ConveyorError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return mask_text(text)
 
 
 def _check_broker(url: str, rounds: int) -> tuple[list[Row], set[str], str]:

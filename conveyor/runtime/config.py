@@ -43,6 +43,10 @@ DEFAULTS: Mapping[str, Any] = {
     "result_accept_content": None,  # None: same as accept_content
     "task_compression": None,
     "result_compression": None,
+    # conveyor: the compression methods a worker or result reader decompresses (aliases or
+    # MIME types). Default: every built-in one (zlib, bzip2, lzma, zstd, brotli; an
+    # uninstalled one still fails per message). None or (): no compressed payload at all.
+    "accept_compression": ("zlib", "bzip2", "lzma", "zstd", "brotli"),
     # results
     "result_expires": 86400.0,  # seconds; None keeps results until forgotten
     # conveyor: workers delete expired rows of backends without native expiry (SQL) this
@@ -80,7 +84,9 @@ DEFAULTS: Mapping[str, Any] = {
     "worker_prefetch_multiplier": 4,
     "worker_max_deliveries": 5,  # conveyor: poison-message limit, then dead-letter
     "worker_lease_seconds": 60.0,  # conveyor: lease renewed by the heartbeat thread
-    "worker_max_message_size": 16 * 1024 * 1024,  # conveyor: bytes; larger is dead-lettered
+    # conveyor: bytes; a larger body, or one that decompresses to more, is dead-lettered
+    # (decompression stops at this size, it does not inflate first and measure after)
+    "worker_max_message_size": 16 * 1024 * 1024,
     "worker_shutdown_timeout": 60.0,  # conveyor: warm-shutdown wait for running tasks
     # security (conveyor)
     "security_key": None,  # HMAC-SHA256 signing key; None disables signing
@@ -129,13 +135,10 @@ class Settings(MutableMapping[str, Any]):
         self[key] = value
 
     def __repr__(self) -> str:
-        from conveyor.core.urls import mask_url
+        # Secrets never show: security_key, passwords in URLs and in transport options.
+        from conveyor.core.urls import mask_options
 
-        shown = {
-            k: mask_url(v) if isinstance(v, str) and "://" in v else v
-            for k, v in self._changes.items()
-        }
-        return f"<Settings changed={shown!r}>"
+        return f"<Settings changed={mask_options(self._changes)!r}>"
 
     # ---- Celery API
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
