@@ -2,8 +2,10 @@
 
 * A backend unreachable (``OperationalError``) is waited for: the store is retried with
   capped backoff while the worker holds the delivery (its lease renewed by the heartbeat),
-  so a result already computed never makes its task run again. The wait ends when the store
-  succeeds or the worker stops waiting (shutdown); the caller then gives the message back.
+  so a result already computed does not make its task run again. The wait ends when the
+  store succeeds, when the worker stops waiting (shutdown), or after ``hold_max`` seconds
+  (:class:`StoreGaveUp`); the caller then gives the message back. The bound is there because
+  a backend that calls a permanent refusal transient would otherwise hold a slot for ever.
 * Anything else the backend raises (a value the result serializer cannot encode, an id or
   a field the store refuses) is not retried: a minimal FAILURE record naming that error is
   stored instead (no value, no traceback), and when not even that can be stored under the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -28,12 +31,19 @@ if TYPE_CHECKING:
     from conveyor.runtime.app import App
     from conveyor.runtime.task import Request
 
-__all__ = ["ResultWriter", "minimal_record", "show"]
+__all__ = ["ResultWriter", "StoreGaveUp", "minimal_record", "show"]
 
 log = logging.getLogger("conveyor.worker")
 
 #: Longest wait between two attempts to store a result while its backend is unreachable.
 STORE_BACKOFF_MAX = 5.0
+#: Longest time a computed result waits for an unreachable backend, its delivery held.
+STORE_HOLD_MAX = 300.0
+
+
+class StoreGaveUp(OperationalError):
+    """The result backend stayed unreachable for ``hold_max`` seconds: give the message back
+    (it runs again later; ``worker_max_deliveries`` bounds how often)."""
 
 
 def show(value: Any, limit: int = 120) -> str:
@@ -51,6 +61,11 @@ class ResultWriter:
         hostname: the worker's node name (``result_extended``).
         abandon: set when the worker stops waiting for unreachable servers.
         stats: the worker's counters (``minimal_results``, ``unstorable_results``).
+
+    Attributes:
+        hold_max: seconds a result waits for an unreachable backend.
+        abandon_at: ``time.monotonic()`` after which it waits no more (a warm shutdown's
+            deadline; the solo pool's only thread may be the one waiting).
     """
 
     def __init__(
@@ -64,6 +79,8 @@ class ResultWriter:
         self.hostname = hostname
         self.abandon = abandon
         self.stats = stats
+        self.hold_max = STORE_HOLD_MAX
+        self.abandon_at = float("inf")
         ttl = app.conf.result_expires
         self.ttl = 0.0 if ttl is None else float(ttl)
 
@@ -144,16 +161,23 @@ class ResultWriter:
 
         Raises:
             OperationalError: still unreachable when the worker stopped waiting.
+            StoreGaveUp: still unreachable after ``hold_max`` seconds.
             Exception: anything not transient the backend raised.
         """
         delay, attempt = 0.1, 0
+        give_up = time.monotonic() + self.hold_max
         while True:
             try:
                 self.app.backend.store(record, ttl=self.ttl)
             except OperationalError as exc:
                 attempt += 1
-                if self.abandon.is_set():
+                if self.abandon.is_set() or time.monotonic() >= self.abandon_at:
                     raise
+                if time.monotonic() >= give_up:
+                    raise StoreGaveUp(
+                        f"storing the result of {show(record.task_id)} still fails after "
+                        f"{self.hold_max:.0f}s ({exc})"
+                    ) from exc
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning(
                         "storing the result of %s failed (%s); retry %d in %.1fs, the message "

@@ -63,7 +63,7 @@ from conveyor.runtime.execution import (
     request_from_headers,
 )
 from conveyor.runtime.prefork import Child
-from conveyor.runtime.storing import ResultWriter, show
+from conveyor.runtime.storing import ResultWriter, StoreGaveUp, show
 from conveyor.runtime.task import RateLimiter, Request, Task, parse_rate
 from conveyor.runtime.timelimits import (
     HARD_LIMIT_WARNING,
@@ -237,6 +237,8 @@ class Worker:
         if cold:
             self._cold.set()
             self._abandon.set()
+        elif not self._stopping.is_set():  # a result waiting for its store waits this long
+            self.results.abandon_at = time.monotonic() + self.shutdown_timeout
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
@@ -396,6 +398,8 @@ class Worker:
             )
             self._reject(delivery, requeue=True)
             self._note_transient()
+            if isinstance(exc, StoreGaveUp):  # bounded by worker_max_deliveries, like a crash
+                self._count_crash(delivery.envelope.id)
         except BaseException as exc:
             log.error(
                 "unexpected error handling message %s; dead-lettering it",
@@ -800,7 +804,11 @@ class Worker:
         if request.id and (exc is not None or stored_value is not None):
             if stored_value is None and exc is not None:
                 stored_value = failure(exc, reason).value
-            self.results.store(self.results.record(request, State.FAILURE, stored_value, reason))
+            try:
+                record = self.results.record(request, State.FAILURE, stored_value, reason)
+                self.results.store(record)
+            except StoreGaveUp as gave_up:  # dead-letter it all the same: never a loop
+                log.error("%s; dead-lettering it without a result", gave_up)
         if not acked:
             self._reject(delivery, requeue=False, reason=reason)
 

@@ -224,6 +224,105 @@ def test_an_unreachable_result_store_holds_the_message_and_the_task_runs_once(
         app.close()
 
 
+def test_a_store_failing_past_the_hold_limit_gives_the_message_back_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held for ``hold_max`` seconds (300 by default, 1 here), then given back: a backend
+    that calls a permanent refusal transient cannot hold a slot for ever. The task runs at
+    most once more per give-up (``worker_max_deliveries`` bounds the give-ups)."""
+    results_db = tmp_path / "results.db"
+    app = App(
+        "fp",
+        broker=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        backend=f"db+sqlite:///{results_db}?operation_timeout=0.2",
+        worker_lease_seconds=1.0,
+    )
+    runs = Runs(tmp_path / "runs")
+
+    @app.task(name="fp.work", bind=True)
+    def work(self: Any, n: int) -> int:
+        runs.mark(self.request.id)
+        return n
+
+    try:
+        app.backend.fetch_many(["warm-up"])
+        locker = sqlite3.connect(results_db, isolation_level=None, timeout=5)
+        caplog.set_level(logging.WARNING, logger="conveyor.worker")
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            with running(app, pool="threads", concurrency=1) as (worker, thread):
+                worker.results.hold_max = 1.0
+                result = work.delay(5)
+                try:
+                    eventually(
+                        lambda: any("still fails after" in r.getMessage() for r in caplog.records),
+                        30,
+                        message="the worker gives up holding",
+                    )
+                finally:
+                    worker.results.hold_max = 300.0  # the next run waits for the store
+                    locker.execute("ROLLBACK")
+                assert result.get(timeout=30) == 5
+                assert thread.is_alive()
+        finally:
+            locker.close()
+        assert runs.count(result.id) == 2  # given back once: it ran once more
+        assert _settled(app) == (0, 0)
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_stop_while_the_result_store_is_unreachable_gives_the_message_back(
+    pool: str, cold: bool, tmp_path: Path
+) -> None:
+    """Warm: the result waits ``worker_shutdown_timeout`` (2 s) for its store, then the
+    message goes back to the broker (solo included, whose one thread is the one waiting);
+    cold: at once. Either way the worker stops, and the task ran once here."""
+    results_db = tmp_path / "results.db"
+    app = App(
+        "fp",
+        broker=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        backend=f"db+sqlite:///{results_db}?operation_timeout=0.2",
+        worker_lease_seconds=1.0,
+        worker_shutdown_timeout=2.0,
+    )
+    runs = Runs(tmp_path / "runs")
+
+    @app.task(name="fp.work", bind=True)
+    def work(self: Any, n: int) -> int:
+        runs.mark(self.request.id)
+        return n
+
+    try:
+        app.backend.fetch_many(["warm-up"])
+        locker = sqlite3.connect(results_db, isolation_level=None, timeout=5)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            worker = app.Worker(pool=pool, concurrency=1, receive_timeout=0.1)
+            thread = threading.Thread(target=worker.start, daemon=True)
+            thread.start()
+            assert worker.wait_started(30)
+            result = work.delay(1)
+            eventually(lambda: runs.count(result.id) == 1, 30, message="the task ran")
+            started = time.monotonic()
+            worker.stop(cold=cold)
+            thread.join(30)
+            for slot in worker._slots:  # a cold stop leaves them; they stop retrying too
+                slot.join(30)
+            assert not any(t.is_alive() for t in [thread, *worker._slots])
+            assert time.monotonic() - started < 2.0 + 8.0  # shutdown timeout + one backoff
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert runs.count(result.id) == 1
+        assert app.broker.size("celery") == 1  # given back, not lost
+        assert app.backend.fetch_many([result.id]) == {}
+    finally:
+        app.close()
+
+
 # ---------------------------------------------------------------- class 2: no zombies
 
 
