@@ -695,17 +695,18 @@ class Worker:
         if state == State.RETRY.value:
             try:
                 self._publish_retry(delivery, request, outcome)
+            except OperationalError:
+                raise  # given back: it runs again, the retry it asked for
+            except Exception as exc:  # a retry this broker cannot take: fail, naming why
+                outcome = failure(exc, f"its retry cannot be sent: {describe(exc)}")
+                state = outcome.state
+            else:
                 self.stats["retried"] += 1
                 log.info("task %s[%s] %s", show(request.task), show(request.id), outcome.reason)
                 if not ignore:
                     self.results.store(
                         self.results.record(request, State.RETRY, outcome.value, outcome.traceback)
                     )
-            except OperationalError:
-                raise  # given back: it runs again, the retry it asked for
-            except Exception as exc:  # a retry this broker cannot take: fail, naming why
-                outcome = failure(exc, f"its retry cannot be sent: {describe(exc)}")
-                state = outcome.state
         if state == State.SUCCESS.value:
             self.stats["succeeded"] += 1
             log.info(

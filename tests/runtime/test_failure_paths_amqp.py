@@ -134,3 +134,27 @@ def test_a_task_that_kills_its_child_every_time_runs_max_deliveries_times(
         assert thread.is_alive()
     assert runs.count(poison.id) == 2
     assert _settled(app) == (0, 1)
+
+
+def test_a_retry_rabbitmq_cannot_hold_fails_the_task_once(app: App, tmp_path: Path) -> None:
+    runs = Runs(tmp_path / "runs")
+
+    @app.task(name="fpa.retry_far", bind=True)
+    def retry_far(self: Any) -> None:
+        runs.mark(self.request.id)
+        raise self.retry(countdown=1e9)  # ~32 years: past RabbitMQ's longest delay
+
+    @app.task(name="fpa.ok")
+    def ok(n: int) -> int:
+        return n
+
+    bad = retry_far.delay()
+    good = [ok.delay(i) for i in range(3)]
+    with running(app, pool="threads", concurrency=2) as (worker, thread):
+        assert [r.get(timeout=30) for r in good] == [0, 1, 2]
+        with pytest.raises(Exception, match="longest supported delay"):
+            bad.get(timeout=30)
+        assert thread.is_alive()
+    assert runs.count(bad.id) == 1
+    assert _settled(app) == (0, 0)
+    assert worker.stats["retried"] == 0

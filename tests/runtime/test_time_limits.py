@@ -227,3 +227,49 @@ def test_a_task_stopped_by_its_hard_limit_never_disturbs_the_next_one_in_its_thr
         assert all(runs.count(r.id) == 1 for r in results + normal)
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_the_cli_time_limit_flags_apply_to_tasks_without_their_own(
+    pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``conveyor worker --soft-time-limit`` (Celery's flag) on the embedded SQLite stores.
+    The task sleeps in C: SIGALRM (prefork children, solo in the main thread) interrupts it;
+    in the threads pool it would see the exception only when its 20 s sleep returns."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env["CONVEYOR_BROKER_URL"] = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    env["CONVEYOR_RESULT_BACKEND"] = f"db+sqlite:///{tmp_path / 'results.db'}"
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    for key in ("CONVEYOR_BROKER_URL", "CONVEYOR_RESULT_BACKEND"):
+        monkeypatch.setenv(key, env[key])
+    import xp_app
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    result = xp_app.work.delay(str(markers), 20.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.cli", "-A", "xp_app", "worker", "-P", pool, "-c", "1",
+         "--soft-time-limit", "0.5"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        with pytest.raises(SoftTimeLimitExceeded):
+            result.get(timeout=60)
+        assert time.monotonic() - started < 15.0
+        assert len(list(markers.iterdir())) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        xp_app.app.close()
