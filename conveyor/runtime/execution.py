@@ -37,7 +37,8 @@ class Outcome:
 
     Attributes:
         state: SUCCESS, FAILURE, RETRY or REJECTED (``Reject`` raised).
-        value: the return value (SUCCESS) or the exception document (other states).
+        value: the return value (SUCCESS) or the exception document (other states); None
+            for a message that cannot be decoded (no result is written for it).
         traceback: formatted traceback text for failures.
         retry_in: seconds until the retry (RETRY).
         retry_args: positional arguments for the retry.
@@ -102,8 +103,6 @@ def failure(exc: BaseException, reason: str, **fields: Any) -> Outcome:
         tb = None
     return Outcome(State.FAILURE.value, meta, tb, reason=reason, **fields)
 
-
-# ================================================================= time limits
 
 # ================================================================= running
 
