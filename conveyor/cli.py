@@ -96,6 +96,18 @@ def main(ctx: click.Context, app_spec: str | None) -> None:
 @click.option("-l", "--loglevel", default="warning", show_default=True)
 @click.option("-n", "--hostname", default=None, help="Node name (default conveyor@<host>).")
 @click.option("--prefetch-multiplier", type=int, default=None)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Hard time limit in seconds for tasks without their own (task_time_limit).",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Soft time limit in seconds for tasks without their own (task_soft_time_limit).",
+)
 @click.pass_obj
 def worker(
     obj: _Ctx,
@@ -105,10 +117,21 @@ def worker(
     loglevel: str,
     hostname: str | None,
     prefetch_multiplier: int | None,
+    time_limit: float | None,
+    soft_time_limit: float | None,
 ) -> None:
-    """Consume queues and run tasks until SIGTERM (warm) or a second signal (cold)."""
+    """Consume queues and run tasks until SIGTERM (warm) or a second signal (cold).
+
+    With the prefork pool, children ignore SIGTERM and SIGINT: a signal to the whole process
+    group (systemd's default KillMode, Ctrl-C) is the parent's to act on, so it is a warm
+    shutdown like a signal to the worker alone.
+    """
     setup_logging(loglevel)
     app = obj.app
+    if time_limit is not None:
+        app.conf.task_time_limit = time_limit
+    if soft_time_limit is not None:
+        app.conf.task_soft_time_limit = soft_time_limit
     w = app.Worker(
         queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
         concurrency=concurrency,

@@ -504,6 +504,13 @@ class App:
             expires_at = self._aware(expires) if expires is not None else None
         if priority is None:
             priority = self.conf.task_default_priority
+        for what, limit in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if limit is not None and (
+                isinstance(limit, bool)
+                or not isinstance(limit, (int, float))
+                or not 0 < limit < float("inf")
+            ):
+                raise ConfigurationError(f"{what} must be a positive number of seconds: {limit!r}")
         task_id = task_id or str(uuid.uuid4())
         message = TaskMessage(
             task=name,

@@ -66,11 +66,26 @@ class WorkerLostError(ConveyorError):
 
 
 class SoftTimeLimitExceeded(ConveyorError):
-    """Raised inside a task when its soft time limit passes; the task may clean up."""
+    """Raised inside a task when its soft time limit passes; the task may clean up.
+
+    Raised without arguments, as Celery's (billiard's): the stored result reads
+    ``SoftTimeLimitExceeded()``.
+    """
+
+    def __str__(self) -> str:
+        return f"SoftTimeLimitExceeded{self.args!r}"
 
 
 class TimeLimitExceeded(ConveyorError):
-    """The task was killed at its hard time limit."""
+    """The task ran past its hard time limit: its process was killed (prefork), or this was
+    raised in it (threads, solo: a thread cannot be killed).
+
+    Carries the limit in seconds as its one argument, as Celery's: the stored result reads
+    ``TimeLimitExceeded(30.0,)``.
+    """
+
+    def __str__(self) -> str:
+        return f"TimeLimitExceeded{self.args!r}"
 
 
 class Reject(ConveyorError):

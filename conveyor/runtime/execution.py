@@ -7,7 +7,6 @@ process or thread) stores the result, publishes retries and settles the delivery
 
 from __future__ import annotations
 
-import signal
 import time
 import traceback
 from collections.abc import Collection, Mapping
@@ -15,20 +14,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from conveyor.core.errors import SerializationError
+from conveyor.core.errors import DecodeError, SerializationError
 from conveyor.core.types import Envelope, State
 from conveyor.runtime.exceptions import (
     NotRegistered,
     Reject,
     Retry,
-    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
 )
 from conveyor.runtime.task import Request
+from conveyor.runtime.timelimits import Limits, ThreadTimeLimits, time_limits
 
 if TYPE_CHECKING:
     from conveyor.runtime.app import App
 
-__all__ = ["Outcome", "execute"]
+__all__ = ["Outcome", "describe", "execute", "failure", "inspect_envelope"]
 
 
 @dataclass
@@ -37,7 +37,8 @@ class Outcome:
 
     Attributes:
         state: SUCCESS, FAILURE, RETRY or REJECTED (``Reject`` raised).
-        value: the return value (SUCCESS) or the exception document (other states).
+        value: the return value (SUCCESS) or the exception document (other states); None
+            for a message that cannot be decoded (no result is written for it).
         traceback: formatted traceback text for failures.
         retry_in: seconds until the retry (RETRY).
         retry_args: positional arguments for the retry.
@@ -73,34 +74,37 @@ def _format_tb(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-class _SoftLimit:
-    """Raise ``SoftTimeLimitExceeded`` in the main thread after ``seconds`` (SIGALRM).
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` for logs and results; never raises (a hostile ``__str__`` may),
+    never longer than ``limit``, always valid UTF-8 (lone surrogates escaped)."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        text = f"{type(exc).__name__}: <unprintable>"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-    Only effective in the main thread of a process (the prefork pool's children, or the solo
-    pool); elsewhere it does nothing and the worker logs that soft limits need those pools.
-    """
 
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.active = False
+def failure(exc: BaseException, reason: str, **fields: Any) -> Outcome:
+    """A FAILURE outcome for ``exc`` that never raises while describing it."""
+    try:
+        meta: dict[str, Any] = _exc_meta(exc)
+    except BaseException:
+        cls = type(exc)
+        meta = {
+            "exc_type": cls.__qualname__,
+            "exc_message": [describe(exc)],
+            "exc_module": cls.__module__,
+        }
+    try:
+        tb: str | None = _format_tb(exc)
+    except BaseException:
+        tb = None
+    return Outcome(State.FAILURE.value, meta, tb, reason=reason, **fields)
 
-    def __enter__(self) -> None:
-        import threading
 
-        if not self.seconds or threading.current_thread() is not threading.main_thread():
-            return
-
-        def _raise(signum: int, frame: Any) -> None:
-            raise SoftTimeLimitExceeded(f"soft time limit ({self.seconds}s) exceeded")
-
-        signal.signal(signal.SIGALRM, _raise)
-        signal.setitimer(signal.ITIMER_REAL, float(self.seconds))
-        self.active = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+# ================================================================= running
 
 
 def execute(
@@ -109,27 +113,56 @@ def execute(
     request: Request,
     *,
     accept: Collection[str],
-    soft_time_limit: float | None = None,
+    timer: ThreadTimeLimits | None = None,
+    hard_limit_here: bool = True,
 ) -> Outcome:
-    """Decode ``envelope`` and run its task; never raises for task or payload errors."""
+    """Decode ``envelope`` and run its task; never raises, whatever the message or the task
+    does (``SystemExit`` and ``KeyboardInterrupt`` included: they fail the task, not the
+    worker).
+
+    Time limits: the message's own (``apply_async(time_limit=..., soft_time_limit=...)``),
+    else the task's, else the app's settings. In a main thread they are raised by SIGALRM,
+    elsewhere by ``timer`` (none: not enforced here). ``hard_limit_here=False`` leaves the
+    hard limit to the caller (the prefork parent kills the child instead).
+    """
+    limits = Limits(timer)
+    try:
+        return _execute(app, envelope, request, accept, limits, hard_limit_here)
+    except BaseException as exc:
+        limits.release()
+        return failure(exc, f"error while running the task: {describe(exc)}")
+    finally:
+        limits.release()
+
+
+def _execute(
+    app: App,
+    envelope: Envelope,
+    request: Request,
+    accept: Collection[str],
+    limits: Limits,
+    hard_limit_here: bool,
+) -> Outcome:
     from conveyor.core.celery import parse_envelope
 
     try:
         message = parse_envelope(envelope, accept=accept)
-    except SerializationError as exc:
+    except Exception as exc:  # any decoding failure is the message's fault: dead-letter it
+        err = exc if isinstance(exc, SerializationError) else DecodeError(describe(exc))
+        # value None: a message that cannot be decoded writes no result under the id it
+        # claims (it may not be the sender's to write)
         return Outcome(
             State.FAILURE.value,
-            _exc_meta(exc),
-            _format_tb(exc),
-            reason=f"undecodable message: {exc}",
+            None,
+            None,
+            reason=f"undecodable message: {describe(err)}",
             dead_letter=True,
         )
     task = app.tasks.get(message.task)
     if task is None:
-        err = NotRegistered(message.task)
         return Outcome(
             State.FAILURE.value,
-            _exc_meta(err),
+            _exc_meta(NotRegistered(message.task)),
             None,
             reason=f"unknown task {message.task!r}",
             dead_letter=True,
@@ -144,12 +177,16 @@ def execute(
     request.group = message.group
     request.group_index = message.group_index
     request.reply_to = message.reply_to
-    limit = soft_time_limit if soft_time_limit is not None else message.timelimit[1]
+    hard, soft = time_limits(message.timelimit, task)
+    request.timelimit = (hard, soft)
     task._push_request(request)
     started = time.perf_counter()
     try:
-        with _SoftLimit(limit if limit is not None else task.soft_time_limit):
+        limits.start(hard if hard_limit_here else None, soft)
+        try:
             value = task(*message.args, **message.kwargs)
+        finally:
+            limits.release()  # before any handler below runs: no limit fires in those
     except Retry as sig:
         when = sig.when
         if isinstance(when, datetime):
@@ -173,6 +210,8 @@ def execute(
         )
     except Exception as exc:  # a task failure is data, not a worker crash
         runtime = time.perf_counter() - started
+        if isinstance(exc, TimeLimitExceeded) and not exc.args:
+            exc = TimeLimitExceeded(hard)  # raised as a class by the timer: add the limit
         if task.autoretry_for and isinstance(exc, task.autoretry_for):
             max_retries = task.retry_kwargs.get("max_retries", task.max_retries)
             if max_retries is None or message.retries < max_retries:
@@ -187,16 +226,48 @@ def execute(
                     reason=f"autoretry in {delay:.3g}s after {type(exc).__name__}",
                     runtime=runtime,
                 )
-        return Outcome(
-            State.FAILURE.value,
-            _exc_meta(exc),
-            _format_tb(exc),
-            reason=f"{type(exc).__name__}: {exc}",
-            runtime=runtime,
-        )
+        return failure(exc, describe(exc), runtime=runtime)
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt...: the task failed
+        return failure(exc, describe(exc), runtime=time.perf_counter() - started)
     finally:
+        limits.release()
         task._push_request(None)
     return Outcome(State.SUCCESS.value, value, runtime=time.perf_counter() - started)
+
+
+def inspect_envelope(
+    envelope: Envelope, *, max_size: int, signer: Any, accept: Collection[str]
+) -> str | tuple[str, str, datetime | None, float | None]:
+    """What the worker reads before running a message: ``(task name, task id, expired at
+    (None: not expired), seconds until its eta (None: no eta))``, or the reason to refuse
+    it (too large, badly signed, unreadable). Never raises: a message that cannot be read,
+    whatever the exception, is refused."""
+    from conveyor.core.celery import parse_envelope, peek
+
+    try:
+        if len(envelope.body) > max_size:
+            return (
+                f"message of {len(envelope.body)} bytes exceeds worker_max_message_size "
+                f"({max_size})"
+            )
+        if signer is not None:
+            try:
+                signer.verify(envelope)
+            except Exception as exc:
+                return f"refused: {describe(exc)}"
+        name, task_id, eta, expires = peek(envelope)
+        if name is None:  # protocol v1: the task's fields are in the body
+            message = parse_envelope(envelope, accept=accept)
+            name, task_id, eta, expires = message.task, message.id, message.eta, message.expires
+        if not isinstance(name, str) or not isinstance(task_id, str) or not task_id:
+            raise DecodeError("the task name and id must be strings")
+        now = datetime.now(timezone.utc)
+        expired = expires if expires is not None and expires <= now else None
+        delay = None if eta is None else (eta - now).total_seconds()
+    except Exception as exc:  # any failure to read it is the message's fault
+        err = exc if isinstance(exc, SerializationError) else DecodeError(describe(exc))
+        return f"undecodable message: {describe(err)}"
+    return name, task_id, expired, delay
 
 
 def request_from_headers(envelope: Envelope, *, queue: str, redelivered: bool) -> Request:

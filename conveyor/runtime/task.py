@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from conveyor.core.errors import ConfigurationError
 from conveyor.runtime.exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
     from conveyor.runtime.app import App
     from conveyor.runtime.result import AsyncResult
 
-__all__ = ["Request", "Task"]
+__all__ = ["RateLimiter", "Request", "Task", "parse_rate"]
 
 
 @dataclass
@@ -81,27 +83,25 @@ class Task:
         self.name = name
         self.bind = bind
         self.queue = queue
-        self.max_retries = app.conf.task_max_retries if max_retries is None else max_retries
-        self.default_retry_delay = float(
-            app.conf.task_default_retry_delay
-            if default_retry_delay is None
-            else default_retry_delay
-        )
+        # Options left None follow app.conf when read (Celery reads task_time_limit and the
+        # other task_* defaults at run time, so app.conf.update() after @app.task counts).
+        self._options: dict[str, Any] = {
+            "max_retries": max_retries,
+            "default_retry_delay": default_retry_delay,
+            "acks_late": acks_late,
+            "ignore_result": ignore_result,
+            "time_limit": time_limit,
+            "soft_time_limit": soft_time_limit,
+            "rate_limit": rate_limit,
+            "track_started": track_started,
+        }
         self.autoretry_for = tuple(autoretry_for)
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = float(retry_backoff_max)
         self.retry_jitter = retry_jitter
         self.retry_kwargs = dict(retry_kwargs or {})
-        self.acks_late = app.conf.task_acks_late if acks_late is None else acks_late
-        self.ignore_result = app.conf.task_ignore_result if ignore_result is None else ignore_result
-        self.time_limit = app.conf.task_time_limit if time_limit is None else time_limit
-        self.soft_time_limit = (
-            app.conf.task_soft_time_limit if soft_time_limit is None else soft_time_limit
-        )
-        self.rate_limit = rate_limit if rate_limit is not None else app.conf.task_default_rate_limit
         self.priority = priority
         self.serializer = serializer
-        self.track_started = app.conf.task_track_started if track_started is None else track_started
         self._local = threading.local()
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
@@ -110,6 +110,79 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<@task: {self.name}>"
+
+    # ---- options: given on the task, else app.conf at the moment they are read
+    def _option(self, key: str, setting: str) -> Any:
+        value = self._options[key]
+        return self.app.conf[setting] if value is None else value
+
+    @property
+    def max_retries(self) -> int | None:
+        value: int | None = self._option("max_retries", "task_max_retries")
+        return value
+
+    @max_retries.setter
+    def max_retries(self, value: int | None) -> None:
+        self._options["max_retries"] = value
+
+    @property
+    def default_retry_delay(self) -> float:
+        return float(self._option("default_retry_delay", "task_default_retry_delay"))
+
+    @default_retry_delay.setter
+    def default_retry_delay(self, value: float | None) -> None:
+        self._options["default_retry_delay"] = value
+
+    @property
+    def acks_late(self) -> bool:
+        return bool(self._option("acks_late", "task_acks_late"))
+
+    @acks_late.setter
+    def acks_late(self, value: bool | None) -> None:
+        self._options["acks_late"] = value
+
+    @property
+    def ignore_result(self) -> bool:
+        return bool(self._option("ignore_result", "task_ignore_result"))
+
+    @ignore_result.setter
+    def ignore_result(self, value: bool | None) -> None:
+        self._options["ignore_result"] = value
+
+    @property
+    def time_limit(self) -> float | None:
+        value: float | None = self._option("time_limit", "task_time_limit")
+        return value
+
+    @time_limit.setter
+    def time_limit(self, value: float | None) -> None:
+        self._options["time_limit"] = value
+
+    @property
+    def soft_time_limit(self) -> float | None:
+        value: float | None = self._option("soft_time_limit", "task_soft_time_limit")
+        return value
+
+    @soft_time_limit.setter
+    def soft_time_limit(self, value: float | None) -> None:
+        self._options["soft_time_limit"] = value
+
+    @property
+    def rate_limit(self) -> str | float | None:
+        value: str | float | None = self._option("rate_limit", "task_default_rate_limit")
+        return value
+
+    @rate_limit.setter
+    def rate_limit(self, value: str | float | None) -> None:
+        self._options["rate_limit"] = value
+
+    @property
+    def track_started(self) -> bool:
+        return bool(self._option("track_started", "task_track_started"))
+
+    @track_started.setter
+    def track_started(self, value: bool | None) -> None:
+        self._options["track_started"] = value
 
     # ---- running
     @property
@@ -151,9 +224,11 @@ class Task:
         if self.serializer is not None:
             options.setdefault("serializer", self.serializer)
         options.setdefault("ignore_result", self.ignore_result)
-        if self.time_limit is not None or self.soft_time_limit is not None:
-            options.setdefault("time_limit", self.time_limit)
-            options.setdefault("soft_time_limit", self.soft_time_limit)
+        # Only limits given on the task travel in the message (as Celery's); the
+        # task_time_limit settings are the worker's to apply when the task runs.
+        for key in ("time_limit", "soft_time_limit"):
+            if self._options[key] is not None:
+                options.setdefault(key, self._options[key])
         return self.app.send_task(self.name, args, kwargs, **options)
 
     def s(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -219,3 +294,35 @@ class Task:
         if throw:
             raise signal
         return signal
+
+
+def parse_rate(rate: str | float | int | None) -> float | None:
+    """Tasks per second from Celery's ``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number."""
+    if rate is None or rate == "":
+        return None
+    if isinstance(rate, (int, float)):
+        per_second = float(rate)
+    else:
+        count, _, unit = str(rate).partition("/")
+        divisor = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip().lower())
+        if divisor is None:
+            raise ConfigurationError(f"bad rate_limit {rate!r}: use N/s, N/m or N/h")
+        per_second = float(count) / divisor
+    return per_second if per_second > 0 else None
+
+
+class RateLimiter:
+    """Spaces starts of one task evenly: at most ``per_second`` starts per second per worker."""
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self, stopping: threading.Event) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            stopping.wait(start - now)

@@ -4,19 +4,26 @@ Delivery rules (at-least-once by default):
 
 * A delivery is acked only after its result is stored (``task_acks_late=True``, the
   default; set it False, or ``acks_late=False`` on a task, to ack before running).
-* Every delivery the worker holds, running or waiting for a free slot, has its lease renewed
-  by a heartbeat thread, so a long task is never handed to another worker while this one
-  lives; if the worker dies, the leases lapse and the broker redelivers.
-* ETA/countdown messages are held by the broker. A message that arrives early (a Celery
-  client publishes ETA tasks immediately) is published back with the remaining delay and
-  acked: it never waits in worker memory.
-* Expired messages (``expires`` passed) are marked REVOKED without decoding the body.
-* Messages that cannot be handled (too large, undecodable, disallowed content type, unknown
-  task, delivered more than ``worker_max_deliveries`` times) are dead-lettered with a log
-  line and, where the task id is known, a FAILURE result. They never stop the worker.
+* A heartbeat renews the lease of every delivery a live slot runs or will run, so a long
+  task is not handed to another worker while this one lives; if it dies, leases lapse.
+* ETA messages that arrive early are published back with the remaining delay and acked;
+  expired ones are marked REVOKED without decoding the body.
 
-Pools: ``solo`` (the consumer thread runs tasks), ``threads``, and ``prefork`` (child
-processes; soft time limits by SIGALRM in the child, hard limits by killing it).
+Failures are classified; nothing loops and one message never stops the worker or a slot:
+
+* Transient (``OperationalError``): storing a computed result is retried while the
+  delivery stays held (:mod:`conveyor.runtime.storing`), so the task does not run again;
+  anywhere else the delivery is given back and the consumer backs off.
+* Anything else is recorded once: a FAILURE naming the real error (a minimal one when the
+  full record cannot be stored), then the delivery is acked or dead-lettered.
+* Refused messages (too large, unsigned or badly signed, undecodable, a disallowed content
+  type) are dead-lettered with a log line and write no result under the id they claim.
+  Unknown tasks and messages delivered more than ``worker_max_deliveries`` times (counted
+  here for crashes where the broker cannot count) get a FAILURE and are dead-lettered.
+
+Pools: ``solo`` (the consumer thread runs tasks), ``threads``, and ``prefork``
+(:mod:`conveyor.runtime.prefork`). Time limits, per message (else the task's, else the
+settings'): see :func:`conveyor.runtime.execution.execute`; only prefork can kill a task.
 
 Shutdown: the first SIGTERM/SIGINT is warm (stop consuming, finish running tasks, give the
 rest back to the broker); a second one is cold (give everything back now and exit).
@@ -25,10 +32,9 @@ rest back to the broker); a second one is cold (give everything back now and exi
 from __future__ import annotations
 
 import collections
-import contextlib
+import functools
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import signal
@@ -36,38 +42,53 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
     ConveyorError,
-    DecodeError,
     InvalidReceipt,
     OperationalError,
-    SerializationError,
 )
 from conveyor.core.signing import signer_from_config
-from conveyor.core.types import Delivery, Envelope, ResultRecord, State
+from conveyor.core.types import Delivery, State
 from conveyor.core.urls import mask_url
-from conveyor.runtime.exceptions import (
-    NotRegistered,
-    TaskRevokedError,
-    TimeLimitExceeded,
-    WorkerLostError,
+from conveyor.runtime.exceptions import NotRegistered, TaskRevokedError, WorkerLostError
+from conveyor.runtime.execution import (
+    Outcome,
+    describe,
+    execute,
+    failure,
+    inspect_envelope,
+    request_from_headers,
 )
-from conveyor.runtime.execution import Outcome, execute, request_from_headers
-from conveyor.runtime.task import Request
+from conveyor.runtime.prefork import Child
+from conveyor.runtime.storing import ResultWriter, StoreGaveUp, show
+from conveyor.runtime.task import RateLimiter, Request, Task, parse_rate
+from conveyor.runtime.timelimits import (
+    HARD_LIMIT_WARNING,
+    NO_LIMITS_HINT,
+    ThreadTimeLimits,
+    async_exceptions_supported,
+    configured_limits,
+    hard_limit,
+)
 
 if TYPE_CHECKING:
     from conveyor.runtime.app import App
 
-__all__ = ["POOLS", "Worker"]
+__all__ = ["POOLS", "Worker", "parse_rate"]
 
 log = logging.getLogger("conveyor.worker")
 
 POOLS = ("prefork", "threads", "solo")
-_STORE_ATTEMPTS = 3
+#: Longest pause of the consumer after transient failures handling deliveries.
+_PAUSE_MAX = 10.0
+#: Task ids whose process crashed here, remembered to bound crash loops on brokers that do
+#: not count deliveries (oldest forgotten first).
+_CRASHES_KEPT = 10_000
+
+Runner = Callable[[Delivery, Request, Task], Outcome]
 
 
 class Worker:
@@ -125,13 +146,23 @@ class Worker:
         self._cond = threading.Condition()
         self._held: dict[int, Delivery] = {}
         self._ready: collections.deque[Delivery] = collections.deque()
-        self._running = 0
+        # id(delivery) -> the thread handling it: the heartbeat renews only live ones' leases
+        self._running: dict[int, threading.Thread] = {}
         self._stopping = threading.Event()
         self._cold = threading.Event()
+        # set when running tasks are no longer waited for: stores retrying give up
+        self._abandon = threading.Event()
         self._started = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._children: list[_Child] = []
-        self._limiters: dict[str, _RateLimiter | None] = {}
+        self._slots: list[threading.Thread] = []
+        self._children: list[Child] = []
+        self._limiters: dict[str, RateLimiter | None] = {}
+        self._timer = ThreadTimeLimits() if self.pool != "prefork" else None
+        self._hard_limit_warned = False
+        self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._transient_streak = 0
+        self._pause_until = 0.0
+        self.results = ResultWriter(app, self.hostname, self._abandon, self.stats)
 
     # ---- lifecycle
     def banner(self) -> str:
@@ -153,6 +184,7 @@ class Worker:
         self.app.import_modules()
         broker = self.app.broker
         self._check_capabilities(broker)
+        self._check_time_limits()
         in_main = threading.current_thread() is threading.main_thread()
         previous = self._install_signals() if in_main else {}
         try:
@@ -204,6 +236,9 @@ class Worker:
         """Ask the worker to stop: warm (finish running tasks) or cold (give them back)."""
         if cold:
             self._cold.set()
+            self._abandon.set()
+        elif not self._stopping.is_set():  # a result waiting for its store waits this long
+            self.results.abandon_at = time.monotonic() + self.shutdown_timeout
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
@@ -225,6 +260,21 @@ class Worker:
                 "delivered again",
                 type(broker).__name__,
             )
+
+    def _check_time_limits(self) -> None:
+        """Say once, at start, what this pool does with the time limits configured."""
+        if self.pool == "prefork":
+            return
+        any_hard, any_limit = configured_limits(self.app)
+        if any_hard:
+            self._warn_hard_limit()
+        if any_limit and not async_exceptions_supported():
+            log.warning("this Python cannot raise exceptions in threads: %s", NO_LIMITS_HINT)
+
+    def _warn_hard_limit(self) -> None:
+        if not self._hard_limit_warned:
+            self._hard_limit_warned = True
+            log.warning(HARD_LIMIT_WARNING, self.pool)
 
     def _install_signals(self) -> dict[int, Any]:
         def on_signal(signum: int, frame: Any) -> None:
@@ -248,29 +298,24 @@ class Worker:
             self._threads.append(
                 threading.Thread(target=self._sweep_loop, name="conveyor-sweeper", daemon=True)
             )
+        runners: list[Runner] = []
         if self.pool == "threads":
-            for i in range(self.concurrency):
-                self._threads.append(
-                    threading.Thread(
-                        target=self._slot_loop,
-                        args=(self._process,),
-                        name=f"conveyor-slot-{i}",
-                        daemon=True,
-                    )
-                )
+            runners = [self._run_here] * self.concurrency
         elif self.pool == "prefork":
             ctx = multiprocessing.get_context("fork")
             for i in range(self.concurrency):
-                child = _Child(self, ctx, i)
+                child = Child(self.app, ctx, i, self.accept)
                 self._children.append(child)
-                self._threads.append(
-                    threading.Thread(
-                        target=self._slot_loop,
-                        args=(child.process,),
-                        name=f"conveyor-slot-{i}",
-                        daemon=True,
-                    )
-                )
+                runners.append(functools.partial(_run_in_child, child))
+        for i, runner in enumerate(runners):
+            slot = threading.Thread(
+                target=self._slot_loop,
+                args=(functools.partial(self._process, run=runner),),
+                name=f"conveyor-slot-{i}",
+                daemon=True,
+            )
+            self._slots.append(slot)
+            self._threads.append(slot)
         for thread in self._threads:
             thread.start()
 
@@ -279,6 +324,10 @@ class Worker:
         broker = self.app.broker
         backoff = 0.1
         while not self._stopping.is_set():
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:  # transient failures handling deliveries: do not spin on them
+                self._stopping.wait(pause)
+                continue
             with self._cond:
                 capacity = self.prefetch_limit - len(self._held)
                 if capacity <= 0:
@@ -289,8 +338,11 @@ class Worker:
                     self.queues, max_messages=capacity, timeout=self.receive_timeout
                 )
                 backoff = 0.1
-            except OperationalError as exc:
-                log.error("receive failed (%s); retrying in %.1fs", exc, backoff)
+            except Exception as exc:  # transient, or a broker bug: never the worker's end
+                if isinstance(exc, OperationalError):
+                    log.error("receive failed (%s); retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("receive failed unexpectedly; retrying in %.1fs", backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
@@ -303,37 +355,81 @@ class Worker:
                 self._cond.notify_all()
             if self.pool == "solo":
                 while not self._stopping.is_set():
-                    with self._cond:
-                        if not self._ready:
-                            break
-                        delivery = self._ready.popleft()
-                    self._run_slot_item(self._process, delivery)
+                    taken = self._take()
+                    if taken is None:
+                        break
+                    self._run_slot_item(self._process, taken)
+
+    def _take(self) -> Delivery | None:
+        """The next waiting delivery, now marked as run by this thread (or None)."""
+        with self._cond:
+            if not self._ready:
+                return None
+            delivery = self._ready.popleft()
+            self._running[id(delivery)] = threading.current_thread()
+            return delivery
 
     def _slot_loop(self, process: Callable[[Delivery], None]) -> None:
         while True:
-            with self._cond:
-                while not self._ready and not self._stopping.is_set():
-                    self._cond.wait(0.5)
-                if self._stopping.is_set():
-                    return
-                delivery = self._ready.popleft()
-            self._run_slot_item(process, delivery)
+            try:
+                with self._cond:
+                    while not self._ready and not self._stopping.is_set():
+                        self._cond.wait(0.5)
+                    if self._stopping.is_set():
+                        return
+                taken = self._take()
+                if taken is not None:
+                    self._run_slot_item(process, taken)
+            except BaseException:
+                log.exception("slot error; the slot goes on")
+                self._stopping.wait(0.1)
 
     def _run_slot_item(self, process: Callable[[Delivery], None], delivery: Delivery) -> None:
-        with self._cond:
-            self._running += 1
         try:
             process(delivery)
-        except Exception:
-            # Anything unexpected (a broker or backend outage while settling): give the
-            # message back so it runs again, and keep the worker alive.
-            log.exception("failed to handle delivery %s; giving it back", delivery.envelope.id)
-            self._safe(lambda: self.app.broker.reject(delivery, requeue=True))
+            if self._transient_streak:
+                self._transient_streak = 0
+        except OperationalError as exc:
+            # A server unreachable while handling the message: it runs again later.
+            log.error(
+                "transient failure handling message %s (%s); giving it back",
+                show(delivery.envelope.id),
+                exc,
+            )
+            self._reject(delivery, requeue=True)
+            self._note_transient()
+            if isinstance(exc, StoreGaveUp):  # bounded by worker_max_deliveries, like a crash
+                self._count_crash(delivery.envelope.id)
+        except BaseException as exc:
+            log.error(
+                "unexpected error handling message %s; dead-lettering it",
+                show(delivery.envelope.id),
+                exc_info=exc,
+            )
+            self.stats["dead_lettered"] += 1
+            self._reject(delivery, requeue=False, reason=f"worker error: {describe(exc)}")
         finally:
             with self._cond:
-                self._running -= 1
+                self._running.pop(id(delivery), None)
                 self._held.pop(id(delivery), None)
                 self._cond.notify_all()
+
+    def _note_transient(self) -> None:
+        """Pause the consumer, doubling up to ``_PAUSE_MAX`` while failures go on."""
+        self._transient_streak += 1
+        pause = min(0.1 * 2 ** min(self._transient_streak - 1, 10), _PAUSE_MAX)
+        self._pause_until = time.monotonic() + pause
+
+    def _live_held(self) -> list[Delivery]:
+        """Held deliveries some live thread is running or will run."""
+        with self._cond:
+            slots_alive = self.pool == "solo" or any(t.is_alive() for t in self._slots)
+            live = []
+            for key, delivery in self._held.items():
+                thread = self._running.get(key)
+                if thread.is_alive() if thread is not None else slots_alive:
+                    live.append(delivery)
+            return live
 
     def _heartbeat_loop(self) -> None:
         broker = self.app.broker
@@ -343,9 +439,7 @@ class Worker:
         while not self._cold.is_set():
             if self._stopping.is_set() and not self._held:
                 return
-            with self._cond:
-                held = list(self._held.values())
-            for delivery in held:
+            for delivery in self._live_held():
                 try:
                     broker.extend(delivery, self.lease_seconds)
                 except InvalidReceipt:
@@ -353,10 +447,14 @@ class Worker:
                         still_held = self._held.get(id(delivery)) is delivery
                     if still_held:
                         log.warning(
-                            "lease lost for %s; it will be delivered again", delivery.envelope.id
+                            "lease lost for %s; it will be delivered again",
+                            show(delivery.envelope.id),
                         )
                 except OperationalError as exc:
                     log.warning("lease extension failed (%s); will retry", exc)
+                    break
+                except Exception:
+                    log.exception("lease extension failed unexpectedly; will retry")
                     break
             self._cold.wait(interval)
 
@@ -404,6 +502,7 @@ class Worker:
             with self._cond:
                 while self._running and time.monotonic() < deadline and not self._cold.is_set():
                     self._cond.wait(0.2)
+        self._abandon.set()  # stores still retrying give their deliveries back now
         for child in self._children:
             child.stop(kill=self._cold.is_set())
         with self._cond:
@@ -411,32 +510,94 @@ class Worker:
         for delivery in leftovers:
             self._give_back(delivery)
         self._cold.set()  # stops the heartbeat
+        if self._timer is not None:
+            self._timer.close()
         log.info("stopped: %s", dict(self.stats))
 
     def _give_back(self, delivery: Delivery) -> None:
-        self._safe(lambda: self.app.broker.reject(delivery, requeue=True))
+        self._reject(delivery, requeue=True)
         with self._cond:
             self._held.pop(id(delivery), None)
 
-    @staticmethod
-    def _safe(fn: Callable[[], Any]) -> None:
+    # ---- settling primitives: they never raise, except OperationalError from ack
+    def _ack(self, delivery: Delivery) -> bool:
+        """Ack; False when the lease was lost meanwhile (the message comes back).
+
+        Raises:
+            OperationalError: the broker is unreachable (the caller gives the message back).
+        """
         try:
-            fn()
-        except ConveyorError as exc:
-            log.warning("%s", exc)
+            self.app.broker.ack(delivery)
+            return True
+        except OperationalError:
+            raise
+        except InvalidReceipt:
+            log.warning(
+                "lease of %s lost before its ack: it will be delivered again",
+                show(delivery.envelope.id),
+            )
+        except Exception:
+            log.exception("ack of %s failed", show(delivery.envelope.id))
+        return False
+
+    def _reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
+        """Give back (``requeue``) or dead-letter; logs instead of raising."""
+        what = "give back" if requeue else "dead-letter"
+        try:
+            self.app.broker.reject(delivery, requeue=requeue, reason=reason)
+        except InvalidReceipt:
+            # The lease lapsed meanwhile: the message comes back (and, if it must be
+            # dead-lettered, is again; the delivery count bounds that).
+            log.warning("lease of %s lost before the %s", show(delivery.envelope.id), what)
+        except OperationalError as exc:
+            log.error(
+                "could not %s message %s (%s): it will be delivered again",
+                what,
+                show(delivery.envelope.id),
+                exc,
+            )
+            self._note_transient()
+        except Exception:
+            log.exception("could not %s message %s", what, show(delivery.envelope.id))
+            if not requeue:
+                # The broker cannot keep it aside: it would come back and fail the same way
+                # for ever. Drop it (said loudly) instead of looping.
+                log.error("acking message %s instead: it is dropped", show(delivery.envelope.id))
+                try:
+                    self.app.broker.ack(delivery)
+                except Exception as exc:
+                    log.error("ack of %s failed too (%s)", show(delivery.envelope.id), exc)
 
     # ---- handling one delivery
-    def _process(self, delivery: Delivery) -> None:
-        """Pre-checks, run in this thread, settle."""
+    def _process(self, delivery: Delivery, run: Runner | None = None) -> None:
+        """Pre-checks, run (in this thread, or as ``run`` says), settle.
+
+        Raises:
+            OperationalError: a server was unreachable; the caller gives the message back.
+        """
         request = self._precheck(delivery)
         if request is None:
             return
         task = self.app.tasks[request.task]
-        self._rate_limit(task.name)
-        if not task.acks_late:
-            self.app.broker.ack(delivery)
-        outcome = execute(self.app, delivery.envelope, request, accept=self.accept)
-        self._settle(delivery, request, outcome, acked=not task.acks_late)
+        acked = not task.acks_late
+        try:
+            self._rate_limit(task.name)
+            if acked and not self._ack(delivery):
+                return  # the lease lapsed first: the message comes back and runs then
+            outcome = (run or self._run_here)(delivery, request, task)
+        except OperationalError:
+            raise
+        except BaseException as exc:
+            outcome = failure(exc, f"error while running the task: {describe(exc)}")
+        self._settle(delivery, request, outcome, acked=acked)
+
+    def _run_here(self, delivery: Delivery, request: Request, task: Task) -> Outcome:
+        outcome = execute(
+            self.app, delivery.envelope, request, accept=self.accept, timer=self._timer
+        )
+        if request.timelimit[0] is not None and not self._hard_limit_warned:
+            self._warn_hard_limit()  # a per-message limit, unknown at start
+        return outcome
 
     def _rate_limit(self, task_name: str) -> None:
         """Wait for the task's rate limit (Celery's per-worker semantics); the delivery stays
@@ -444,114 +605,125 @@ class Worker:
         if task_name not in self._limiters:
             per_second = parse_rate(self.app.tasks[task_name].rate_limit)
             # setdefault: two slot threads racing here must share one limiter
-            self._limiters.setdefault(task_name, _RateLimiter(per_second) if per_second else None)
+            self._limiters.setdefault(task_name, RateLimiter(per_second) if per_second else None)
         limiter = self._limiters[task_name]
         if limiter is not None:
             limiter.acquire(self._stopping)
 
     def _precheck(self, delivery: Delivery) -> Request | None:
-        """Everything decided from headers alone. Returns None when the delivery is settled."""
-        from conveyor.core.celery import peek
+        """Everything decided before running. Returns None when the delivery is settled.
 
+        Raises:
+            OperationalError: a server was unreachable; the caller gives the message back.
+        """
         env = delivery.envelope
-        request = request_from_headers(env, queue=delivery.queue, redelivered=delivery.redelivered)
-        request.hostname = self.hostname
-        if len(env.body) > self.max_message_size:
-            reason = (
-                f"message of {len(env.body)} bytes exceeds worker_max_message_size "
-                f"({self.max_message_size})"
-            )
-            self._dead_letter(delivery, request, reason, DecodeError(reason))
-            return None
-        if self.signer is not None:
-            try:
-                self.signer.verify(env)
-            except SerializationError as exc:
-                self._dead_letter(delivery, request, f"refused: {exc}", exc)
-                return None
         try:
-            name, task_id, eta, expires = peek(env)
-            if name is None:  # protocol v1: the task's fields are in the body
-                from conveyor.core.celery import parse_envelope
-
-                message = parse_envelope(env, accept=self.accept)
-                name, task_id, eta, expires = message.task, message.id, message.eta, message.expires
-        except SerializationError as exc:
-            self._dead_letter(delivery, request, f"undecodable message: {exc}", exc)
+            request = request_from_headers(
+                env, queue=delivery.queue, redelivered=delivery.redelivered
+            )
+        except Exception:  # headers that are not a map: refused below, by _inspect
+            request = Request(id="", task="", delivery_info={"routing_key": delivery.queue})
+        request.hostname = self.hostname
+        peeked = inspect_envelope(
+            env, max_size=self.max_message_size, signer=self.signer, accept=self.accept
+        )
+        if isinstance(peeked, str):
+            # No result: the id a refused message claims may not be its sender's to write.
+            self._dead_letter(delivery, request, peeked)
             return None
-        request.task, request.id = name, task_id or request.id
-        now = datetime.now(timezone.utc)
-        if expires is not None and expires <= now:
+        name, task_id, expired_at, delay = peeked
+        request.task, request.id = name, task_id
+        if expired_at is not None:
             self.stats["revoked"] += 1
-            log.info("task %s[%s] expired at %s: revoked", name, request.id, expires.isoformat())
-            self._store_exception(request, State.REVOKED, TaskRevokedError("expired"))
-            self.app.broker.ack(delivery)
+            log.info("task %s[%s] expired at %s: revoked", show(name), show(task_id), expired_at)
+            self.results.store(
+                self.results.exception(request, State.REVOKED, TaskRevokedError("expired"))
+            )
+            self._ack(delivery)
             return None
         broker = self.app.broker
-        if eta is not None and (eta - now).total_seconds() > 0.01:
+        if delay is not None and delay > 0.01:
             if Capability.DELAYED_DELIVERY in getattr(broker, "capabilities", frozenset()):
-                broker.publish(env, queue=delivery.queue, delay=(eta - now).total_seconds())
-                broker.ack(delivery)
+                try:
+                    broker.publish(env, queue=delivery.queue, delay=delay)
+                except OperationalError:
+                    raise
+                except Exception as exc:  # an eta this broker cannot hold: never loops
+                    self._dead_letter(
+                        delivery, request, f"cannot defer until its eta: {describe(exc)}", exc
+                    )
+                    return None
+                self._ack(delivery)
                 self.stats["deferred"] += 1
                 return None
             log.warning(
                 "task %s[%s] arrived before its eta; broker cannot delay: running now",
-                name,
-                request.id,
+                show(name),
+                show(task_id),
             )
-        if delivery.delivery_count is not None and delivery.delivery_count > self.max_deliveries:
+        count = delivery.delivery_count
+        if count is None:  # the broker does not count: the crashes seen here do
+            crashes = self._crashes.get(env.id, 0)
+            count = crashes + 1 if crashes else None
+        if count is not None and count > self.max_deliveries:
             self._dead_letter(
                 delivery,
                 request,
-                f"delivered {delivery.delivery_count} times (worker_max_deliveries="
+                f"delivered {count} times (worker_max_deliveries="
                 f"{self.max_deliveries}): poison message",
-                WorkerLostError(f"delivered {delivery.delivery_count} times without completing"),
+                WorkerLostError(f"delivered {count} times without completing"),
             )
             return None
         if name not in self.app.tasks:
-            self._dead_letter(delivery, request, f"unknown task {name!r}", NotRegistered(name))
+            self._dead_letter(delivery, request, f"unknown task {show(name)}", NotRegistered(name))
             return None
         return request
 
     def _settle(
         self, delivery: Delivery, request: Request, outcome: Outcome, *, acked: bool
     ) -> None:
-        broker = self.app.broker
+        """Store what the outcome says and settle the delivery.
+
+        Raises:
+            OperationalError: a server was unreachable; the caller gives the message back.
+        """
         task = self.app.tasks.get(request.task)
         ignore = bool(request.headers.get("ignore_result")) or (
             task is not None and task.ignore_result
         )
         state = outcome.state
+        if state == State.RETRY.value:
+            try:
+                self._publish_retry(delivery, request, outcome)
+            except OperationalError:
+                raise  # given back: it runs again, the retry it asked for
+            except Exception as exc:  # a retry this broker cannot take: fail, naming why
+                outcome = failure(exc, f"its retry cannot be sent: {describe(exc)}")
+                state = outcome.state
+            else:
+                self.stats["retried"] += 1
+                log.info("task %s[%s] %s", show(request.task), show(request.id), outcome.reason)
+                if not ignore:
+                    self.results.store(
+                        self.results.record(request, State.RETRY, outcome.value, outcome.traceback)
+                    )
         if state == State.SUCCESS.value:
             self.stats["succeeded"] += 1
-            log.info("task %s[%s] succeeded in %.4fs", request.task, request.id, outcome.runtime)
-            if not ignore:
-                self._store(self._record(request, State.SUCCESS, outcome.value))
-        elif state == State.RETRY.value:
-            self.stats["retried"] += 1
-            log.info("task %s[%s] %s", request.task, request.id, outcome.reason)
-            self.app.send_task(
-                request.task,
-                outcome.retry_args,
-                outcome.retry_kwargs,
-                task_id=request.id,
-                countdown=outcome.retry_in,
-                retries=request.retries + 1,
-                queue=delivery.queue,
-                parent_id=request.parent_id,
-                root_id=request.root_id,
-                group_id=request.group,
-                group_index=request.group_index,
-                reply_to=request.reply_to,
-                priority=delivery.envelope.priority or None,
+            log.info(
+                "task %s[%s] succeeded in %.4fs",
+                show(request.task),
+                show(request.id),
+                outcome.runtime,
             )
             if not ignore:
-                self._store(self._record(request, State.RETRY, outcome.value, outcome.traceback))
+                self.results.store(self.results.record(request, State.SUCCESS, outcome.value))
         elif state == State.REJECTED.value:
             self.stats["rejected"] += 1
-            log.warning("task %s[%s] rejected: %s", request.task, request.id, outcome.reason)
+            log.warning(
+                "task %s[%s] rejected: %s", show(request.task), show(request.id), outcome.reason
+            )
             if not acked:
-                broker.reject(delivery, requeue=outcome.requeue, reason=outcome.reason)
+                self._reject(delivery, requeue=outcome.requeue, reason=outcome.reason[:1000])
             return
         elif outcome.dead_letter:
             self._dead_letter(
@@ -559,18 +731,54 @@ class Worker:
             )
             return
         elif outcome.worker_lost and not acked:
-            # At-least-once: the message runs again (poison protection counts deliveries).
             self.stats["lost"] += 1
-            log.error("task %s[%s] %s: giving it back", request.task, request.id, outcome.reason)
-            broker.reject(delivery, requeue=True, reason=outcome.reason)
+            crashes = self._count_crash(delivery.envelope.id)
+            log.error(
+                "task %s[%s] %s (%d time(s) here): giving it back",
+                show(request.task),
+                show(request.id),
+                outcome.reason,
+                crashes,
+            )
+            # At-least-once: it runs again; worker_max_deliveries bounds the crashes.
+            self._reject(delivery, requeue=True, reason=outcome.reason)
             return
-        else:
+        elif state != State.RETRY.value:
             self.stats["failed"] += 1
-            log.error("task %s[%s] failed: %s", request.task, request.id, outcome.reason)
+            log.error(
+                "task %s[%s] failed: %s", show(request.task), show(request.id), outcome.reason
+            )
             if not ignore:
-                self._store(self._record(request, State.FAILURE, outcome.value, outcome.traceback))
+                self.results.store(
+                    self.results.record(request, State.FAILURE, outcome.value, outcome.traceback)
+                )
         if not acked:
-            broker.ack(delivery)
+            self._ack(delivery)
+
+    def _publish_retry(self, delivery: Delivery, request: Request, outcome: Outcome) -> None:
+        self.app.send_task(
+            request.task,
+            outcome.retry_args,
+            outcome.retry_kwargs,
+            task_id=request.id,
+            countdown=outcome.retry_in,
+            retries=request.retries + 1,
+            queue=delivery.queue,
+            parent_id=request.parent_id,
+            root_id=request.root_id,
+            group_id=request.group,
+            group_index=request.group_index,
+            reply_to=request.reply_to,
+            priority=delivery.envelope.priority or None,
+        )
+
+    def _count_crash(self, key: str) -> int:
+        with self._cond:
+            count = self._crashes.pop(key, 0) + 1
+            self._crashes[key] = count
+            while len(self._crashes) > _CRASHES_KEPT:
+                self._crashes.popitem(last=False)
+            return count
 
     def _dead_letter(
         self,
@@ -582,256 +790,29 @@ class Worker:
         stored_value: Any = None,
         acked: bool = False,
     ) -> None:
+        """Log, store a FAILURE when ``exc`` or ``stored_value`` is given (never for a
+        refused message), and dead-letter. Never raises, except OperationalError when the
+        worker stops while the backend is unreachable (the message is then given back)."""
         self.stats["dead_lettered"] += 1
+        reason = reason if len(reason) <= 1000 else reason[:997] + "..."
         log.error(
-            "dead-lettering message %s (task %r, queue %s): %s",
-            delivery.envelope.id,
-            request.task or "?",
+            "dead-lettering message %s (task %s, queue %s): %s",
+            show(delivery.envelope.id),
+            show(request.task or "?"),
             delivery.queue,
             reason,
         )
         if request.id and (exc is not None or stored_value is not None):
             if stored_value is None and exc is not None:
-                from conveyor.core.celery import exception_to_meta
-
-                stored_value = dict(exception_to_meta(exc))
-            self._store(self._record(request, State.FAILURE, stored_value, reason))
+                stored_value = failure(exc, reason).value
+            try:
+                record = self.results.record(request, State.FAILURE, stored_value, reason)
+                self.results.store(record)
+            except StoreGaveUp as gave_up:  # dead-letter it all the same: never a loop
+                log.error("%s; dead-lettering it without a result", gave_up)
         if not acked:
-            try:
-                self.app.broker.reject(delivery, requeue=False, reason=reason)
-            except InvalidReceipt:
-                # The lease lapsed while we decided (e.g. a slow decode): the message comes
-                # back and is dead-lettered again; the delivery counter bounds the loop.
-                log.warning("lease lost before dead-lettering %s", delivery.envelope.id)
-
-    def _store_exception(self, request: Request, state: State, exc: BaseException) -> None:
-        from conveyor.core.celery import exception_to_meta
-
-        self._store(self._record(request, state, dict(exception_to_meta(exc))))
-
-    def _record(
-        self, request: Request, state: State, value: Any, tb: str | None = None
-    ) -> ResultRecord:
-        extended: dict[str, Any] = {}
-        if self.app.conf.result_extended:
-            extended = {
-                "name": request.task,
-                "args": list(request.args),
-                "kwargs": request.kwargs,
-                "worker": self.hostname,
-                "retries": request.retries,
-                "queue": request.delivery_info.get("routing_key"),
-            }
-        if getattr(self.app.backend, "routes_by_reply_to", False):
-            # rpc://: the result is a message to the sender's reply queue (celery-wire 3.5);
-            # the backend takes these two keys out of the stored meta.
-            extended["reply_to"] = request.reply_to or ""
-            extended["correlation_id"] = request.correlation_id or request.id
-        return ResultRecord(
-            task_id=request.id,
-            state=state,
-            result=value,
-            traceback=tb,
-            date_done=datetime.now(timezone.utc)
-            if state in (State.SUCCESS, State.FAILURE, State.REVOKED)
-            else None,
-            children=[],
-            group_id=request.group,
-            parent_id=request.parent_id,
-            extended=extended,
-        )
-
-    def _store(self, record: ResultRecord) -> None:
-        """Store with bounded retries; the caller gives the delivery back if this raises."""
-        ttl = self.result_ttl
-        ttl_value = 0.0 if ttl is None else float(ttl)
-        delay = 0.1
-        for attempt in range(_STORE_ATTEMPTS):
-            try:
-                self.app.backend.store(record, ttl=ttl_value)
-                return
-            except OperationalError as exc:
-                if attempt == _STORE_ATTEMPTS - 1:
-                    raise
-                log.warning("storing result of %s failed (%s); retrying", record.task_id, exc)
-                time.sleep(delay)
-                delay *= 4
+            self._reject(delivery, requeue=False, reason=reason)
 
 
-def parse_rate(rate: str | float | int | None) -> float | None:
-    """Tasks per second from Celery's ``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number."""
-    if rate is None or rate == "":
-        return None
-    if isinstance(rate, (int, float)):
-        per_second = float(rate)
-    else:
-        count, _, unit = str(rate).partition("/")
-        divisor = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip().lower())
-        if divisor is None:
-            raise ConveyorError(f"bad rate_limit {rate!r}: use N/s, N/m or N/h")
-        per_second = float(count) / divisor
-    return per_second if per_second > 0 else None
-
-
-class _RateLimiter:
-    """Spaces starts of one task evenly: at most ``per_second`` starts per second per worker."""
-
-    def __init__(self, per_second: float) -> None:
-        self.interval = 1.0 / per_second
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def acquire(self, stopping: threading.Event) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            stopping.wait(start - now)
-
-
-class _Child:
-    """One prefork child process and the slot thread's end of its pipe."""
-
-    def __init__(self, worker: Worker, ctx: Any, index: int) -> None:
-        self.worker = worker
-        self.ctx = ctx
-        self.index = index
-        self.proc: Any = None
-        self.conn: Any = None
-        self._spawn()
-
-    def _spawn(self) -> None:
-        parent_end, child_end = self.ctx.Pipe(duplex=True)
-        worker = self.worker
-        app = worker.app
-        accept = worker.accept
-
-        def run() -> None:
-            parent_end.close()
-            _child_main(app, child_end, accept)
-
-        self.proc = self.ctx.Process(target=run, name=f"conveyor-child-{self.index}", daemon=True)
-        self.proc.start()
-        child_end.close()
-        self.conn = parent_end
-
-    def stop(self, *, kill: bool) -> None:
-        with contextlib.suppress(OSError):
-            if kill:
-                self.proc.kill()
-            else:
-                self.conn.send(None)
-        self.proc.join(5.0)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5.0)
-        with contextlib.suppress(OSError):
-            self.conn.close()
-
-    def process(self, delivery: Delivery) -> None:
-        worker = self.worker
-        request = worker._precheck(delivery)
-        if request is None:
-            return
-        task = worker.app.tasks[request.task]
-        worker._rate_limit(task.name)
-        if not task.acks_late:
-            worker.app.broker.ack(delivery)
-        outcome = self._run(delivery.envelope, request, task.time_limit)
-        worker._settle(delivery, request, outcome, acked=not task.acks_late)
-
-    def _run(self, envelope: Envelope, request: Request, hard_limit: float | None) -> Outcome:
-        from conveyor.core.celery import exception_to_meta
-
-        started = time.monotonic()
-        try:
-            self.conn.send((envelope, request))
-        except OSError:
-            self._restart()
-            return _lost("worker lost: the child process was gone before the task started")
-        while True:
-            wait = 1.0
-            if hard_limit:
-                remaining = started + hard_limit - time.monotonic()
-                if remaining <= 0:
-                    self.proc.kill()
-                    self._restart()
-                    err = TimeLimitExceeded(f"hard time limit ({hard_limit}s) exceeded")
-                    return Outcome(
-                        State.FAILURE.value, dict(exception_to_meta(err)), reason=str(err)
-                    )
-                wait = min(wait, remaining)
-            if self.conn.poll(wait):
-                try:
-                    outcome: Outcome = self.conn.recv()
-                    return outcome
-                except (EOFError, OSError):
-                    break
-            if not self.proc.is_alive():
-                break
-        code = self.proc.exitcode
-        self._restart()
-        return _lost(f"worker lost: child process exited with code {code} mid-task")
-
-    def _restart(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.close()
-        self.proc.join(1.0)
-        self._spawn()
-
-
-def _lost(reason: str) -> Outcome:
-    from conveyor.core.celery import exception_to_meta
-
-    return Outcome(
-        State.FAILURE.value,
-        dict(exception_to_meta(WorkerLostError(reason))),
-        reason=reason,
-        worker_lost=True,
-    )
-
-
-def _child_main(
-    app: App, conn: multiprocessing.connection.Connection, accept: tuple[str, ...]
-) -> None:
-    """Loop of a prefork child: receive (envelope, request), execute, send the outcome."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent()
-    app._after_fork()
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        envelope, request = job
-        outcome = execute(app, envelope, request, accept=accept)
-        try:
-            conn.send(outcome)
-        except OSError:
-            return
-        except Exception as exc:  # an unpicklable return value fails the task
-            from conveyor.core.celery import exception_to_meta
-
-            conn.send(
-                Outcome(
-                    State.FAILURE.value,
-                    dict(exception_to_meta(exc)),
-                    reason=f"result cannot be sent back: {exc}",
-                )
-            )
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this child when the worker process dies (best effort)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+def _run_in_child(child: Child, delivery: Delivery, request: Request, task: Task) -> Outcome:
+    return child.run(delivery.envelope, request, hard_limit(delivery.envelope, task))
