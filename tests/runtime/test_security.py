@@ -111,9 +111,7 @@ def test_a_malicious_pickle_is_dead_lettered_without_being_unpickled(
     assert before.get(timeout=10) == after.get(timeout=10) == "ok"
     dlq = app.broker.dead_letter_queue("celery")
     eventually(lambda: app.broker.size(dlq) == 1, 10, message="pickle dead-lettered")
-    result = app.AsyncResult(task_id)
-    eventually(lambda: result.state == "FAILURE", 10)
-    assert "application/x-python-serialize" in str(result.result)
+    assert app.AsyncResult(task_id).state == "PENDING"  # refused: no result written
     assert not target.exists(), "the pickle was loaded"
     assert any(f"dead-lettering message {task_id}" in r.getMessage() for r in caplog.records)
 
@@ -193,9 +191,8 @@ def test_signed_tasks_run_and_unsigned_or_forged_ones_are_dead_lettered(
                 f"dead-lettering message {envelope.id}" in line and "refused" in line
                 for line in lines
             ), kind
-            result = app.AsyncResult(envelope.id)
-            assert result.state == "FAILURE", kind
-            assert "InvalidSignature" in repr(result.result) or "signature" in str(result.result)
+            # refused: nothing written under the id it claims (it may be another task's)
+            assert app.AsyncResult(envelope.id).state == "PENDING", kind
         assert worker.stats["dead_lettered"] == len(forged)
         assert worker.stats["succeeded"] == 2
     finally:
