@@ -11,12 +11,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Index of the '{' that opens object `name` (first occurrence), or nil.
+-- Index of the '{' that opens object `name`: the first key `name` (any JSON whitespace around
+-- the colon) whose value is an object, or nil. The client refuses envelopes in which this first
+-- match is not the top-level member (decode_envelope in redis.py), so the marks always land in
+-- the top-level "headers". `name` holds no pattern magic characters ("headers", "delivery_info").
 local function object_start(e, name)
-  local _, f = string.find(e, '"' .. name .. '": {', 1, true)
-  if not f then
-    _, f = string.find(e, '"' .. name .. '":{', 1, true)
-  end
+  local _, f = string.find(e, '"' .. name .. '"%s*:%s*{')
   return f
 end
 
