@@ -472,13 +472,34 @@ def _guard(receipt: _Receipt) -> dict[str, Any]:
     return {"_id": {"$eq": receipt.doc_id}, "lease_owner": {"$eq": receipt.token}}
 
 
+class _AnyId:
+    """A document id that is not hashable (a map or list some other writer chose), made
+    usable as a key by its ``repr``; :func:`_id_value` gives the id back."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.key = repr(value)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _AnyId) and other.key == self.key
+
+
 def _id_key(doc_id: Any) -> Any:
-    """A hashable stand-in for a document id (ids of foreign documents may be maps)."""
+    """A hashable key for a document id (ObjectIds and strings are their own)."""
     try:
         hash(doc_id)
     except TypeError:
-        return repr(doc_id)
+        return _AnyId(doc_id)
     return doc_id
+
+
+def _id_value(key: Any) -> Any:
+    return key.value if isinstance(key, _AnyId) else key
 
 
 @dataclass(frozen=True, slots=True)
@@ -823,7 +844,11 @@ class MongoDBBroker(BrokerBase):
                 {
                     "queue": name,
                     "state": _READY,
-                    "delivery_count": {"$exists": True, "$not": {"$type": "number"}},
+                    "delivery_count": {"$exists": True},
+                    "$or": [
+                        {"delivery_count": {"$not": {"$type": "number"}}},
+                        {"delivery_count": {"$type": "array"}},  # [1] has "type number" too
+                    ],
                 },
                 {
                     "$set": {
@@ -860,7 +885,7 @@ class MongoDBBroker(BrokerBase):
                 deliveries.append(self._delivery(doc, token, names))
             except Exception as exc:  # any shape of bad document
                 self._dead_letter_undecodable(doc, token, names, undecodable_reason(exc))
-        self._leases.hold((d.receipt.doc_id, token) for d in deliveries)
+        self._leases.hold((_id_key(d.receipt.doc_id), token) for d in deliveries)
         return deliveries
 
     def _dead_letter_undecodable(
@@ -932,13 +957,25 @@ class MongoDBBroker(BrokerBase):
         if not ids:
             return [], "", 0
         token = f"{self._instance}:{next(self._sequence)}"
-        self._collection.update_many(
-            {**ready, "_id": {"$in": ids}},
-            {
-                "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
-                "$inc": {"delivery_count": 1},
-            },
-        )
+        try:
+            self._collection.update_many(
+                {**ready, "_id": {"$in": ids}},
+                {
+                    "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
+                    "$inc": {"delivery_count": 1},
+                },
+            )
+        except mongo_errors.PyMongoError:
+            # Stopped part-way (a delivery_count $inc cannot add to): give back what it
+            # stamped, so those messages need not wait for the lease to run out.
+            self._collection.update_many(
+                {"lease_owner": token},
+                {
+                    "$set": {"lease_owner": None, "lease_expires": _EPOCH},
+                    "$inc": {"delivery_count": -1},
+                },
+            )
+            raise
         docs = list(self._collection.find({"_id": {"$in": ids}, "lease_owner": token}))
         # Rank by position in ``ids`` (already claim order): no field of a document that
         # something else wrote is trusted to sort by.
@@ -1002,10 +1039,10 @@ class MongoDBBroker(BrokerBase):
         return receipt
 
     def _was_settled(self, receipt: _Receipt) -> bool:
-        return self._leases.was_settled(receipt.doc_id, receipt.token)
+        return self._leases.was_settled(_id_key(receipt.doc_id), receipt.token)
 
     def _settle(self, receipt: _Receipt) -> None:
-        self._leases.settle(receipt.doc_id, receipt.token)
+        self._leases.settle(_id_key(receipt.doc_id), receipt.token)
 
     def _lost(self, receipt: _Receipt) -> bool:
         """After a guarded write matched nothing: True when the document still exists (held
@@ -1156,7 +1193,7 @@ class MongoDBBroker(BrokerBase):
                 # (a new token) is left alone.
                 self._collection.update_many(
                     {
-                        "_id": {"$in": [doc_id for doc_id, _ in chunk]},
+                        "_id": {"$in": [_id_value(key) for key, _ in chunk]},
                         "lease_owner": {"$in": [token for _, token in chunk]},
                     },
                     {"$set": {"lease_owner": None, "lease_expires": _EPOCH}},

@@ -623,7 +623,7 @@ def _decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     try:
         kombu_priority = int(raw_priority) if raw_priority is not None else 0
     except (TypeError, ValueError, OverflowError) as exc:
-        raise DecodeError(f"envelope priority {raw_priority!r:.40} is not a number") from exc
+        raise DecodeError(f"envelope priority {raw_priority!r:.40} is not an integer") from exc
     kombu_priority = min(max(kombu_priority, 0), _KOMBU_MAX_PRIORITY)
     correlation_id = _optional_text(props, "correlation_id")
     reply_to = _optional_text(props, "reply_to")

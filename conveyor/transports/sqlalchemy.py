@@ -328,8 +328,9 @@ _INSERTED = (
     "reply_to",
 )
 
-# Columns an undecodable row's stand-in replaces (its body is kept).
+# Columns an undecodable row's stand-in replaces (the body only when it is not binary).
 _STAND_IN = (
+    "body",
     "envelope_id",
     "content_type",
     "content_encoding",
@@ -841,8 +842,12 @@ class SQLAlchemyBroker(BrokerBase):
         the next claim of the row tries again."""
         source = str(row.queue)
         log.error("dead-lettering a row of %r (id %s): %s", source, row.id, reason)
-        original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN}
+        original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN if c != "body"}
+        body = row.body
+        if not isinstance(body, bytes | bytearray | memoryview):
+            body = str(_plain_column(body)).encode("utf-8", "backslashreplace")
         fields = {
+            "raw_body": bytes(body),
             "raw_envelope_id": hashlib.sha256(repr(original).encode()).hexdigest()[:32],
             "raw_content_type": UNDECODABLE_CONTENT_TYPE,
             "raw_content_encoding": "binary",
