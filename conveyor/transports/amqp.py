@@ -98,11 +98,15 @@ How it works (``docs/backends/amqp.md`` has the details):
   conveyor does, in the message: a delivery that RabbitMQ marks ``redelivered`` is not handed
   out; ``receive`` publishes a copy to the same queue with the header
   ``x-conveyor-deliveries`` = deliveries so far, waits for its confirm, then acks the
-  original. The count therefore survives the death of any consumer (``worker_max_deliveries``
-  holds); a crash between the confirm and the ack leaves a duplicate, never a loss. The copy
-  goes to the back of the queue. The first delivery of a message costs nothing (one header
-  lookup): only redeliveries pay one confirmed publish. ``Delivery.delivery_count`` is 1 on a
-  first delivery, ``n + 1`` on a copy.
+  original and waits until RabbitMQ has processed that ack (before the copy can be handed
+  out, so a task that kills its process cannot leave both behind). The count therefore
+  survives the death of any consumer (``worker_max_deliveries`` holds); a crash inside
+  ``receive`` between the confirm and the ack leaves a duplicate, never a loss. The copy goes
+  to the back of the queue. The first delivery of a message costs nothing (one header
+  lookup, no round trip); a redelivery costs a confirmed publish and one round trip. A
+  redelivery whose headers cannot take the count (``frame_max``) is dead-lettered, not
+  handed out uncounted. ``Delivery.delivery_count`` is 1 on a first delivery, ``n + 1`` on a
+  copy.
 * **Bad input**: a message whose properties conveyor cannot use (not UTF-8 where text is
   needed, a field table pika cannot decode) is never handed out: ``receive`` dead-letters a
   stand-in (content type ``application/x-conveyor-undecodable``, the original body, the
@@ -220,6 +224,7 @@ MAX_DELAY = DELAY_RESOLUTION * (2**DELAY_LEVELS - 1)
 DELAY_EXCHANGE_PREFIX = "conveyor.delay."
 
 _SCHEMES = ("amqp", "amqps", "pyamqp")
+_MAX_COUNT = 2**31 - 2  # x-conveyor-deliveries stays a 32-bit AMQP integer
 _DELAY_WHY = "a delay passes through 32 TTL queues of 0.1 s x 2**level"
 # Properties a re-published copy keeps (user_id is dropped: RabbitMQ checks it against the
 # publishing connection's user; headers are given separately).
@@ -1709,6 +1714,15 @@ def _stand_in_envelope(properties: Any, body: bytes) -> Envelope:
     return Envelope(id=ident, body=body, content_type=UNDECODABLE_CONTENT_TYPE)
 
 
+def _bytes_fields(properties: Any) -> str:
+    names = ("message_id", "correlation_id", "reply_to", "content_type", "content_encoding")
+    return ", ".join(
+        f"{name}={getattr(properties, name)!r:.60}"
+        for name in names
+        if type(getattr(properties, name)) is bytes
+    )
+
+
 def _describe(properties: Any) -> str:
     """The properties of an undecodable message as text, for the stand-in's
     :data:`ORIGINAL_HEADER` (bounded: the stand-in must fit in RabbitMQ's frame_max)."""
@@ -2171,11 +2185,11 @@ class AMQPBroker(BrokerBase):
                 kept.append(delivery)
             elif special.reason:
                 self._dead_letter_undecodable(delivery, special)
-            elif self._recount(delivery, special):
-                kept.append(delivery)
+            else:
+                self._recount(delivery, special)
         return kept
 
-    def _recount(self, delivery: Delivery, special: _Special) -> bool:
+    def _recount(self, delivery: Delivery, special: _Special) -> None:
         """A redelivery from a classic queue (no ``x-delivery-count``): publish a copy whose
         :data:`DELIVERIES_HEADER` counts this delivery's predecessor, wait for its confirm,
         then ack the original. The count thus lives in RabbitMQ and survives any consumer's
@@ -2194,14 +2208,15 @@ class AMQPBroker(BrokerBase):
             log.warning("could not re-publish a redelivery of %r to count it (given back "
                         "to RabbitMQ): %s", delivery.queue, exc)  # fmt: skip
             self._settle_quietly(delivery, "requeue")
-            return False
         except ConveyorError as exc:
-            # Its headers cannot take the count (frame_max): hand it out uncounted, as before.
-            log.error("cannot count the deliveries of a message of %r: %s", delivery.queue, exc)
-            delivery.receipt.special = None
-            return True
-        self._settle_quietly(delivery, "ack")
-        return False
+            # Its headers cannot take the count (frame_max): handed out, it could loop without
+            # limit, so it goes to the dead letters (a copy without its headers, if need be).
+            reason = clean_reason(f"its deliveries cannot be counted: {exc}")
+            log.error("dead-lettering a message of %r: %s", delivery.queue, reason)
+            with contextlib.suppress(InvalidReceipt, ConnectionLost, OperationalError):
+                self.reject(delivery, requeue=False, reason=reason)
+        else:
+            self._ack_processed(delivery)
 
     def _dead_letter_undecodable(self, delivery: Delivery, special: _Special) -> None:
         """Publish the well-formed stand-in of an undecodable message to ``<queue>.dead``
@@ -2229,6 +2244,30 @@ class AMQPBroker(BrokerBase):
         except ConveyorError as exc:  # a dead-letter queue name RabbitMQ cannot take
             log.error("could not dead-letter it: %s; it is dropped", exc)
         self._settle_quietly(delivery, "ack")
+
+    def _ack_processed(self, delivery: Delivery) -> None:
+        """Ack the original of a counted copy and wait until RabbitMQ has PROCESSED the ack
+        (a synchronous method on the same channel is answered after it), before anything
+        else is handed out: the copy may be the next delivery, and a task that kills its
+        process must not find the original still unacked (a duplicate per crash). Never
+        raises: if the channel closed, RabbitMQ delivers the original again (a duplicate)."""
+        receipt: _Receipt = delivery.receipt
+        with self._cond:
+            if not self._begin_settle(receipt, delivery):
+                return
+        try:
+            self._send_settle(receipt, delivery, "ack")
+            prefetch = max(1, receipt.consumer.prefetch)
+            op = self._op_barrier(prefetch)
+            self._link.run_op(op, self._deadline())
+        except (ConveyorError, _LinkDown) as exc:
+            log.info("ack of a counted redelivery not confirmed: %s", exc)
+
+    @staticmethod
+    def _op_barrier(prefetch: int) -> Op[None]:
+        # basic.qos with the consumer's own prefetch changes nothing (it applies to consumers
+        # started later) and is answered in order with the channel's other frames.
+        yield rpc("con", "basic_qos", prefetch_count=prefetch)
 
     def _settle_quietly(self, delivery: Delivery, action: str) -> None:
         """ack or requeue a delivery receive() handled itself; a lost lease (the channel
@@ -2341,33 +2380,40 @@ class AMQPBroker(BrokerBase):
             count = int(returned) + 1 if isinstance(returned, int) else 1
         else:
             if type(recorded) is int and recorded > 0:
-                prior = recorded
+                prior = min(recorded, _MAX_COUNT)  # so prior + 1 always fits its header
             count = prior + 1
-        texts = {}
-        for name in ("message_id", "correlation_id", "reply_to", "content_type"):
-            value = getattr(properties, name)
-            if value is not None and type(value) is not str:
-                raise DecodeError(f"AMQP property {name} is not UTF-8 text: {value!r:.60}")
-            texts[name] = value
+        message_id = properties.message_id
+        correlation_id = properties.correlation_id
+        reply_to = properties.reply_to
+        content_type = properties.content_type
         encoding = properties.content_encoding
-        if encoding is not None and type(encoding) is not str:
-            raise DecodeError(f"AMQP property content_encoding is not UTF-8 text: {encoding!r:.60}")
+        # pika gives a short string it cannot decode as UTF-8 as bytes (else str or None).
+        if (
+            type(message_id) is bytes
+            or type(correlation_id) is bytes
+            or type(reply_to) is bytes
+            or type(content_type) is bytes
+            or type(encoding) is bytes
+        ):
+            raise DecodeError(
+                f"AMQP properties that are not UTF-8 text: {_bytes_fields(properties)}"
+            )
         header_id = headers.get("id")
         envelope_id = (
-            texts["message_id"]
+            message_id
             or (header_id if isinstance(header_id, str) and header_id else None)
-            or texts["correlation_id"]
+            or correlation_id
             or hashlib.sha256(bytes(body)).hexdigest()[:32]
         )
         envelope = Envelope(
             id=envelope_id,
             body=bytes(body),
-            content_type=texts["content_type"] or "",
+            content_type=content_type or "",
             content_encoding=encoding or "",
             headers=headers,
             priority=min(int(properties.priority or 0), 9),  # AMQP allows 0-255; conveyor 0-9
-            correlation_id=texts["correlation_id"],
-            reply_to=texts["reply_to"],
+            correlation_id=correlation_id,
+            reply_to=reply_to,
         )
         return envelope, count, prior
 

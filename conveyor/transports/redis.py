@@ -625,8 +625,12 @@ def _decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     except (TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"envelope priority {raw_priority!r:.40} is not an integer") from exc
     kombu_priority = min(max(kombu_priority, 0), _KOMBU_MAX_PRIORITY)
-    correlation_id = _optional_text(props, "correlation_id")
-    reply_to = _optional_text(props, "reply_to")
+    correlation_id = props.get("correlation_id")
+    if correlation_id is not None and type(correlation_id) is not str:
+        correlation_id = _optional_text(props, "correlation_id")
+    reply_to = props.get("reply_to")
+    if reply_to is not None and type(reply_to) is not str:
+        reply_to = _optional_text(props, "reply_to")
     content_type = msg.get("content-type") or "application/data"
     content_encoding = msg.get("content-encoding") or "binary"
     if not isinstance(content_type, str) or not isinstance(content_encoding, str):

@@ -289,6 +289,27 @@ def test_counting_costs_nothing_on_a_first_delivery_and_one_publish_on_a_redeliv
         broker.ack(delivery)
 
 
+def test_a_redelivery_whose_headers_cannot_take_the_count_is_dead_lettered_not_looped(
+    make_amqp_broker: Any,  # noqa: F811
+    queue: str,
+) -> None:
+    broker = make_amqp_broker()
+    room = 131_072 - 21  # RabbitMQ's default frame_max, less the header frame's own bytes
+    probe = Envelope(id="full", body=b"{}", headers={"h": ""})
+    size = sum(map(len, broker._properties(probe).encode()))
+    sent = Envelope(id="full", body=b"{}", headers={"h": "x" * (room - size - 5)})
+    broker.publish(sent, queue=queue)  # fits, alone
+    [got] = _collect(broker, queue, 1)
+    assert got.delivery_count == 1
+    broker.reject(got, requeue=True)  # back it comes: its count header would not fit
+    assert broker.receive(queue, timeout=1) == []
+    [dead] = _collect(broker, broker.dead_letter_queue(queue), 1)
+    assert "cannot be counted" in dead.envelope.headers[DEAD_LETTER_REASON_HEADER]
+    assert dead.envelope.body == sent.body
+    broker.ack(dead)
+    assert broker.size(queue) == 0
+
+
 _CONSUMER = textwrap.dedent(
     """
     import sys, time
