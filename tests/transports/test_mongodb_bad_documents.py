@@ -11,7 +11,6 @@ Bad documents are inserted with pymongo directly. Counts stay small: the default
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -100,7 +99,6 @@ def _plant(broker: MongoDBBroker, queue: str) -> list[str]:
         goods.append(f"good-{i}")
         _insert(broker, queue, message_id=goods[-1])
         _insert(broker, queue, **{"message_id": f"bad-{kind}", **fields})
-        time.sleep(0.002)  # ObjectIds of one second order by their counter: keep it simple
     goods.append("good-last")
     # A document id that is itself a map: still a message, compared with $eq on ack.
     _insert(broker, queue, _id={"odd": "id", "n": 1}, message_id="good-last")
