@@ -2183,10 +2183,15 @@ class AMQPBroker(BrokerBase):
             special: _Special | None = delivery.receipt.special
             if special is None:
                 kept.append(delivery)
-            elif special.reason:
-                self._dead_letter_undecodable(delivery, special)
             else:
-                self._recount(delivery, special)
+                try:
+                    if special.reason:
+                        self._dead_letter_undecodable(delivery, special)
+                    else:
+                        self._recount(delivery, special)
+                except Exception:  # never out of receive(): RabbitMQ has it back at worst
+                    log.exception("handling a delivery of %r failed", delivery.queue)
+                    self._settle_quietly(delivery, "requeue")
         return kept
 
     def _recount(self, delivery: Delivery, special: _Special) -> None:
@@ -2272,7 +2277,7 @@ class AMQPBroker(BrokerBase):
     def _settle_quietly(self, delivery: Delivery, action: str) -> None:
         """ack or requeue a delivery receive() handled itself; a lost lease (the channel
         closed meanwhile: RabbitMQ has it back already) is no error here."""
-        with contextlib.suppress(InvalidReceipt, ConnectionLost):
+        with contextlib.suppress(InvalidReceipt, OperationalError):
             if action == "ack":
                 self.ack(delivery)
             else:

@@ -547,7 +547,11 @@ class MongoDBBroker(BrokerBase):
         self._owns_client = _owns_client
         self.url = url or "mongodb://"
         name = self.options.database or client.get_default_database("conveyor").name
-        self._collection: Collection[dict[str, Any]] = client[name][self.options.collection]
+        collection = client[name][self.options.collection]
+        # Text that is not UTF-8 (a server that does not check what others wrote) must make
+        # one message undecodable, not every claim raise while reading the claimed document.
+        codec = collection.codec_options.with_options(unicode_decode_error_handler="replace")
+        self._collection: Collection[dict[str, Any]] = collection.with_options(codec_options=codec)
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._lock = threading.Lock()
@@ -917,7 +921,7 @@ class MongoDBBroker(BrokerBase):
             self._collection.update_one(
                 {"_id": {"$eq": doc["_id"]}, "lease_owner": {"$eq": token}}, {"$set": stand_in}
             )
-        except mongo_errors.PyMongoError as exc:
+        except Exception as exc:  # never out of receive(): the lease runs out, it comes back
             log.warning("could not dead-letter %r (it comes back later): %s", doc["_id"], exc)
 
     def _claim_one(self, selector: Any) -> tuple[list[dict[str, Any]], str]:

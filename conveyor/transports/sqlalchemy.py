@@ -108,7 +108,6 @@ from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
-    ConveyorError,
     DecodeError,
     EncodeError,
     InvalidReceipt,
@@ -840,36 +839,20 @@ class SQLAlchemyBroker(BrokerBase):
         """Move a claimed row that is not a message to ``<queue>.dead`` as a readable
         stand-in (its body kept). Never raises: on a database error the lease runs out and
         the next claim of the row tries again."""
-        source = str(row.queue)
-        log.error("dead-lettering a row of %r (id %s): %s", source, row.id, reason)
-        original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN if c != "body"}
-        body = row.body
-        if not isinstance(body, bytes | bytearray | memoryview):
-            body = str(_plain_column(body)).encode("utf-8", "backslashreplace")
-        fields = {
-            "raw_body": bytes(body),
-            "raw_envelope_id": hashlib.sha256(repr(original).encode()).hexdigest()[:32],
-            "raw_content_type": UNDECODABLE_CONTENT_TYPE,
-            "raw_content_encoding": "binary",
-            "raw_headers": json.dumps({ORIGINAL_HEADER: original}, separators=(",", ":")),
-            "raw_priority": 0,
-            "raw_correlation_id": None,
-            "raw_reply_to": None,
-        }
-        if isinstance(original["envelope_id"], str) and len(original["envelope_id"]) <= 255:
-            fields["raw_envelope_id"] = original["envelope_id"]
-        dead = self.dead_letter_queue(source)
         receipt = _Receipt(int(row.id), token)
         try:
+            source = str(row.queue)
+            log.error("dead-lettering a row of %r (id %s): %s", source, row.id, reason)
+            dead = self.dead_letter_queue(source)
             if len(dead) > _QUEUE_COLUMN_LENGTH:
                 log.error("%r is too long a queue name: the row is dropped instead", dead)
                 self._guarded(self._sql_ack, receipt, "drop an undecodable row")
             else:
                 self._guarded(
                     self._sql_dead_raw, receipt, "dead-letter", dead_queue=dead,
-                    dead_from=source, dead_reason=reason, **fields,
+                    dead_from=source, dead_reason=reason, **_stand_in_fields(row),
                 )  # fmt: skip
-        except ConveyorError as exc:
+        except Exception as exc:
             log.warning("could not dead-letter row %s (it comes back later): %s", row.id, exc)
         self._settle(receipt)
 
@@ -1194,6 +1177,27 @@ def _check_queue(name: str) -> None:
     if base != name and len(name) > _QUEUE_COLUMN_LENGTH:
         raise ConfigurationError(f"queue name longer than {_QUEUE_COLUMN_LENGTH} characters")
     validate_queue_name(base if base != name else name)
+
+
+def _stand_in_fields(row: Any) -> dict[str, Any]:
+    """The columns that make an undecodable row a readable stand-in (``_common``)."""
+    original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN if c != "body"}
+    body = row.body
+    if not isinstance(body, bytes | bytearray | memoryview):
+        body = str(_plain_column(body)).encode("utf-8", "backslashreplace")
+    ident = original["envelope_id"]
+    if not (isinstance(ident, str) and len(ident) <= 255):
+        ident = hashlib.sha256(repr(original).encode()).hexdigest()[:32]
+    return {
+        "raw_body": bytes(body),
+        "raw_envelope_id": ident,
+        "raw_content_type": UNDECODABLE_CONTENT_TYPE,
+        "raw_content_encoding": "binary",
+        "raw_headers": json.dumps({ORIGINAL_HEADER: original}, separators=(",", ":")),
+        "raw_priority": 0,
+        "raw_correlation_id": None,
+        "raw_reply_to": None,
+    }
 
 
 def _int_or_0(value: Any) -> int:
