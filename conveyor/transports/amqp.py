@@ -660,6 +660,11 @@ _fix_pika_decoding()
 # ============================================================================== errors
 
 
+class _Nacked(OperationalError):
+    """RabbitMQ answered a publish with basic.nack (a full queue with ``reject-publish``, an
+    internal error): the message was not accepted. Transient for callers."""
+
+
 class _LinkDown(Exception):
     """Internal: the connection (or the publish channel) went away mid-operation.
 
@@ -1609,7 +1614,7 @@ class AMQPLink:
                 batch.ack(index)
             else:
                 batch.fail(
-                    OperationalError(
+                    _Nacked(
                         "RabbitMQ refused a published message (basic.nack): it was not accepted"
                     )
                 )
@@ -2187,14 +2192,14 @@ class AMQPBroker(BrokerBase):
                 try:
                     if special.reason:
                         self._dead_letter_undecodable(delivery, special)
-                    else:
-                        self._recount(delivery, special)
+                    elif self._recount(delivery, special):
+                        kept.append(delivery)  # uncounted this once (see _recount)
                 except Exception:  # never out of receive(): RabbitMQ has it back at worst
                     log.exception("handling a delivery of %r failed", delivery.queue)
                     self._settle_quietly(delivery, "requeue")
         return kept
 
-    def _recount(self, delivery: Delivery, special: _Special) -> None:
+    def _recount(self, delivery: Delivery, special: _Special) -> bool:
         """A redelivery from a classic queue (no ``x-delivery-count``): publish a copy whose
         :data:`DELIVERIES_HEADER` counts this delivery's predecessor, wait for its confirm,
         then ack the original. The count thus lives in RabbitMQ and survives any consumer's
@@ -2209,6 +2214,12 @@ class AMQPBroker(BrokerBase):
         entry = ("", delivery.queue, special.body, copy)
         try:
             self._link.publish([entry], self._deadline())
+        except _Nacked as exc:
+            # The queue takes no publish now (full, reject-publish): requeueing would spin on
+            # it. Hand it out uncounted this once.
+            log.warning("cannot count a redelivery of %r now: %s", delivery.queue, exc)
+            delivery.receipt.special = None
+            return True
         except OperationalError as exc:
             log.warning("could not re-publish a redelivery of %r to count it (given back "
                         "to RabbitMQ): %s", delivery.queue, exc)  # fmt: skip
@@ -2222,6 +2233,7 @@ class AMQPBroker(BrokerBase):
                 self.reject(delivery, requeue=False, reason=reason)
         else:
             self._ack_processed(delivery)
+        return False
 
     def _dead_letter_undecodable(self, delivery: Delivery, special: _Special) -> None:
         """Publish the well-formed stand-in of an undecodable message to ``<queue>.dead``

@@ -124,6 +124,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -190,6 +191,8 @@ _KOMBU_MAX_PRIORITY = 9
 # Headers conveyor adds on redelivery; never part of the Envelope handed to a consumer.
 _REDELIVERED = "redelivered"
 _COUNT = "x-delivery-count"
+_AMBIGUOUS = b"conveyor-ambiguous-headers:"  # common.lua's AMBIGUOUS
+_COUNT_KEY = b'"x-delivery-count"'
 _DELAY_WHY = "due times are sorted-set scores in milliseconds, exact below 2**53"
 
 T = TypeVar("T")
@@ -577,9 +580,12 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
 
 
 def _decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
     try:
-        msg = _kombu_loads(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+        msg = _kombu_loads(data)
     except Exception as exc:
+        if data.startswith(_AMBIGUOUS):  # the Lua scripts' mark (common.lua)
+            raise DecodeError("envelope has more than one headers member") from exc
         raise DecodeError(f"not a kombu JSON envelope: {exc}") from exc
     if not isinstance(msg, dict):
         raise DecodeError("a kombu envelope must be a JSON object")
@@ -600,7 +606,7 @@ def _decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     headers = dict(headers)
     redelivered = bool(headers.pop(_REDELIVERED, False))
     prior = headers.pop(_COUNT, None)
-    if prior is not None and _count_marks(raw) != 1:
+    if prior is not None and _key_marks(raw, _COUNT_KEY) != 1:
         # A header of the sender's own under the name of the count would shadow conveyor's
         # mark (JSON keeps the last duplicate) and freeze the count: never trust it.
         raise DecodeError(f"envelope carries its own {_COUNT!r} header")
@@ -669,9 +675,11 @@ def _optional_text(props: Mapping[str, Any], key: str) -> str | None:
     raise DecodeError(f"envelope property {key!r} must be a string")
 
 
-def _count_marks(raw: bytes | str) -> int:
-    mark = f'"{_COUNT}"'
-    return raw.count(mark.encode()) if isinstance(raw, bytes) else raw.count(mark)
+def _key_marks(raw: bytes | str, key: bytes) -> int:
+    """How often ``key`` (a quoted JSON string) occurs as a member name: followed by a colon
+    (a string value never is, and a quote inside a string is escaped). Slow path only."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+    return len(re.findall(re.escape(key) + rb"[ \t\r\n]*:", data))
 
 
 def undecodable_stand_in(raw: bytes | str, queue: str, reason: str) -> str:

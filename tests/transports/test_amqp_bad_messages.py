@@ -31,6 +31,7 @@ from amqpsupport import (
     amqp_url,  # noqa: F401 - a fixture
     janitor,  # noqa: F401 - a fixture
     make_amqp_broker,  # noqa: F401 - a fixture
+    rabbitmqctl,
     terminating,
 )
 
@@ -308,6 +309,34 @@ def test_a_redelivery_whose_headers_cannot_take_the_count_is_dead_lettered_not_l
     assert dead.envelope.body == sent.body
     broker.ack(dead)
     assert broker.size(queue) == 0
+
+
+def test_a_redelivery_the_full_queue_will_not_take_a_copy_of_is_handed_out_uncounted(
+    make_amqp_broker: Any,  # noqa: F811
+    queue: str,
+) -> None:
+    # max-length 1 with reject-publish (a policy: it leaves the declaration Celery's) nacks
+    # the counted copy; requeueing would spin on it, so it is handed out, uncounted, once.
+    policy = unique_name("conveyor-test-full")
+    done = rabbitmqctl(
+        "set_policy", policy, f"^{queue}$", '{"max-length": 1, "overflow": "reject-publish"}',
+        "--apply-to", "queues",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    try:
+        broker = make_amqp_broker(prefetch_count=1)
+        broker.publish(Envelope(id="first", body=b"{}"), queue=queue)
+        [got] = _collect(broker, queue, 1)
+        broker.publish(Envelope(id="second", body=b"{}"), queue=queue)  # full again
+        broker.reject(got, requeue=True)
+        [again] = _collect(broker, queue, 1)
+        assert (again.envelope.id, again.redelivered, again.delivery_count) == ("first", True, None)
+        broker.ack(again)
+        [second] = _collect(broker, queue, 1)
+        assert (second.envelope.id, second.delivery_count) == ("second", 1)
+        broker.ack(second)
+    finally:
+        rabbitmqctl("clear_policy", policy)
 
 
 _CONSUMER = textwrap.dedent(

@@ -185,6 +185,22 @@ def test_an_envelope_with_its_own_delivery_count_header_is_dead_lettered_once_re
     broker.ack(dead)
 
 
+def test_an_envelope_with_two_headers_members_is_dead_lettered_once_redelivered(
+    broker: RedisBroker, server: redis.Redis, queue: str
+) -> None:
+    # JSON keeps the last of two "headers"; the marks would go into the first one, so the
+    # message would come back uncounted forever.
+    server.lpush(queue, b'{"body": "", "headers": {"a": 1}, "properties": {}, "headers": {"b": 2}}')
+    first = RedisBroker.from_url(REDIS_URL)
+    [got] = first.receive(queue, timeout=1)
+    assert dict(got.envelope.headers) == {"b": 2}
+    first.close()
+    assert broker.receive(queue, timeout=0.3) == []
+    [dead] = broker.receive(broker.dead_letter_queue(queue), timeout=1)
+    assert "more than one headers" in dead.envelope.headers[DEAD_LETTER_REASON_HEADER]
+    broker.ack(dead)
+
+
 ODD_REASONS = [
     "x" * 1_000_000,
     "nul\x00bell\x07 esc\x1b[31m del\x7f c1\x85",
