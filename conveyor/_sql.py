@@ -70,6 +70,8 @@ _PG_TIMEOUT = frozenset({"57014", "55P03"})
 _MYSQL_RETRY = frozenset({1213, 1205})
 _MYSQL_LOST = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 4031})
 _MYSQL_TIMEOUT = frozenset({3024, 1969})
+# SQLite primary result codes (extended codes keep them in their low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 def split_url(
@@ -332,6 +334,9 @@ def _sqlite_locked(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None)
     if orig is None or not type(orig).__module__.startswith("sqlite3"):
         return False
+    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11: no text to read
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     text = str(orig).lower()
     return "database is locked" in text or "database table is locked" in text
 
