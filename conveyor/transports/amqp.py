@@ -82,14 +82,40 @@ How it works (``docs/backends/amqp.md`` has the details):
   hash of the target, and lands in ``q`` through ``conveyor.delay.deliver``. Each TTL queue
   holds messages of one TTL only, so FIFO expiry is exact (no head-of-line blocking); a 1 s
   message published after a 60 s one arrives after 1 s. Delays are rounded UP to 100 ms;
-  the longest is about 13.6 years. The ``x-death`` entries the hops add are removed on
+  the longest is about 13.6 years (``MAX_DELAY``); a longer or infinite one raises
+  ``ConfigurationError`` at publish. The ``x-death`` entries the hops add are removed on
   receipt.
 * **Dead letters**: ``reject(requeue=False)`` publishes a copy to ``<q>.dead`` (with the
-  reason in ``x-conveyor-dead-letter-reason``), waits for its confirm, then acks: no queue
-  argument is needed, so the queue stays equivalent to Celery's. With ``dead_letter="dlx"``
-  queues are declared with ``x-dead-letter-exchange=""`` and
+  reason in the header ``x-conveyor-dead-letter-reason``), waits for its confirm, then acks:
+  no queue argument is needed, so the queue stays equivalent to Celery's. A copy RabbitMQ
+  cannot take (headers past ``frame_max``) is replaced by one without the original headers
+  (their text in ``x-conveyor-original``); only a transient failure raises. With
+  ``dead_letter="dlx"`` queues are declared with ``x-dead-letter-exchange=""`` and
   ``x-dead-letter-routing-key=<q>.dead`` and RabbitMQ moves the message (declare the same on
-  the Celery side).
+  the Celery side); RabbitMQ then records only ``x-death`` (reason ``rejected``), not the
+  reason text, which is logged.
+* **Delivery counts**: quorum queues count (``x-delivery-count``). Classic queues do not, so
+  conveyor does, in the message: a delivery that RabbitMQ marks ``redelivered`` is not handed
+  out; ``receive`` publishes a copy to the same queue with the header
+  ``x-conveyor-deliveries`` = deliveries so far, waits for its confirm, then acks the
+  original and waits until RabbitMQ has processed that ack (before the copy can be handed
+  out, so a task that kills its process cannot leave both behind). The count therefore
+  survives the death of any consumer (``worker_max_deliveries`` holds); a crash inside
+  ``receive`` between the confirm and the ack leaves a duplicate, never a loss. The copy goes
+  to the back of the queue. The first delivery of a message costs nothing (one header
+  lookup, no round trip); a redelivery costs a confirmed publish and one round trip. A
+  redelivery whose headers cannot take the count (``frame_max``) is dead-lettered, not
+  handed out uncounted. ``Delivery.delivery_count`` is 1 on a first delivery, ``n + 1`` on a
+  copy.
+* **Bad input**: a message whose properties conveyor cannot use (not UTF-8 where text is
+  needed, a field table pika cannot decode) is never handed out: ``receive`` dead-letters a
+  stand-in (content type ``application/x-conveyor-undecodable``, the original body, the
+  properties as text in ``x-conveyor-original``, the reason) and returns the rest of the
+  batch. pika's table decoder is made total on import (a timestamp past the year 9999 decodes
+  as its integer; a table that fails marks the message undecodable): before, one such
+  message made pika drop the connection and RabbitMQ redeliver it forever. Priorities above 9
+  (AMQP allows 255) are delivered as 9. Properties that exceed RabbitMQ's ``frame_max`` raise
+  ``EncodeError`` at publish instead of closing the connection.
 * **Reconnects**: when the connection drops, the I/O thread reconnects with backoff, trying
   every host; queues, exchanges and consumers are declared again on first use. Calls made
   meanwhile wait for the new connection up to ``operation_timeout`` (``receive`` up to its
@@ -105,6 +131,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -118,6 +145,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
@@ -131,6 +159,7 @@ from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
     ConveyorError,
+    DecodeError,
     EncodeError,
     InvalidReceipt,
     InvalidURL,
@@ -141,6 +170,18 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import mask_url, parse_url, split_alternates
+from conveyor.transports._common import (
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUFFIX,
+    MAX_ORIGINAL_CHARS,
+    ORIGINAL_HEADER,
+    UNDECODABLE_CONTENT_TYPE,
+    check_delay,
+    clean_reason,
+    clean_text,
+    undecodable_reason,
+)
 
 __all__ = [
     "DEAD_LETTER_REASON_HEADER",
@@ -149,6 +190,7 @@ __all__ = [
     "DELAY_EXCHANGE_PREFIX",
     "DELAY_LEVELS",
     "DELAY_RESOLUTION",
+    "DELIVERIES_HEADER",
     "MAX_DELAY",
     "AMQPBroker",
     "AMQPBrokerOptions",
@@ -169,12 +211,9 @@ log = logging.getLogger("conveyor.transports.amqp")
 
 T = TypeVar("T")
 
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` (as for the memory and SQL brokers).
-DEAD_LETTER_SUFFIX = ".dead"
-#: Header on a dead-lettered copy: the ``reason`` given to ``reject``.
-DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
-#: Header on a dead-lettered copy: the queue it was rejected from.
-DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
+#: Classic queues: how many deliveries of the message came before this copy was published
+#: (see "Delivery counts" in the module docstring). Removed from the envelope on receipt.
+DELIVERIES_HEADER = "x-conveyor-deliveries"
 #: Delays are counted in steps of this many seconds (rounded up).
 DELAY_RESOLUTION = 0.1
 #: Number of TTL levels: level L holds a message for ``DELAY_RESOLUTION * 2**L`` seconds.
@@ -185,11 +224,21 @@ MAX_DELAY = DELAY_RESOLUTION * (2**DELAY_LEVELS - 1)
 DELAY_EXCHANGE_PREFIX = "conveyor.delay."
 
 _SCHEMES = ("amqp", "amqps", "pyamqp")
+_MAX_COUNT = 2**31 - 2  # x-conveyor-deliveries stays a 32-bit AMQP integer
+_DELAY_WHY = "a delay passes through 32 TTL queues of 0.1 s x 2**level"
+# Properties a re-published copy keeps (user_id is dropped: RabbitMQ checks it against the
+# publishing connection's user; headers are given separately).
+_COPIED_PROPERTIES = (
+    "content_type", "content_encoding", "delivery_mode", "priority", "correlation_id",
+    "reply_to", "expiration", "message_id", "timestamp", "type", "app_id", "cluster_id",
+)  # fmt: skip
 _DELIVER_EXCHANGE = DELAY_EXCHANGE_PREFIX + "deliver"
 _DELAY_QUEUE_INFIX = ".conveyor.delay."
 _MAX_NAME_BYTES = 255
 _MAX_PREFETCH = 65535
 _CHANNELS = ("pub", "adm", "con")
+# A content header frame: 7 bytes of frame header, class id, weight, body size, frame end.
+_HEADER_OVERHEAD = 7 + 2 + 2 + 8 + 1
 _RETRY_LOG_INTERVAL = 30.0  # seconds between warnings while reconnect attempts keep failing
 # Headers RabbitMQ adds that are not part of the envelope.
 _DEATH_SUMMARY_KEYS = (
@@ -487,16 +536,33 @@ _LATER_SHORT_STRINGS = (
     ("expiration", "FLAG_EXPIRATION"),
     ("message_id", "FLAG_MESSAGE_ID"),
 )
+_LAST_SHORT_STRINGS = (
+    ("type", "FLAG_TYPE"),
+    ("app_id", "FLAG_APP_ID"),
+    ("cluster_id", "FLAG_CLUSTER_ID"),
+)
 
 
 class Properties(pika.BasicProperties):  # type: ignore[misc]
     """``pika.BasicProperties`` whose headers are encoded like py-amqp's (floats as ``d``).
 
-    Supports the properties conveyor sends: content type and encoding, headers, delivery
-    mode, priority, correlation id, reply-to, expiration and message id.
+    Supports every property but ``user_id`` (RabbitMQ refuses one that is not the publishing
+    connection's user, so a copy conveyor makes of someone else's message drops it). The
+    encoding is made once and kept: the publisher measures it against ``frame_max`` before
+    pika sends it (a header frame RabbitMQ cannot take closes the whole connection).
     """
 
+    __slots__ = ("_conveyor_encoded",)  # a slot: not in __dict__, so not in repr or ==
+    _conveyor_encoded: list[bytes]
+
     def encode(self) -> list[bytes]:
+        try:
+            cached: list[bytes] = self._conveyor_encoded
+        except AttributeError:
+            cached = self._conveyor_encoded = self._encode()
+        return cached
+
+    def _encode(self) -> list[bytes]:
         cls = pika.BasicProperties
         pieces: list[bytes] = []
         flags = 0
@@ -519,46 +585,84 @@ class Properties(pika.BasicProperties):  # type: ignore[misc]
             if value is not None:
                 flags |= getattr(cls, flag)
                 pika.data.encode_short_string(pieces, value)
-        if any(
-            getattr(self, a) is not None
-            for a in ("timestamp", "type", "user_id", "app_id", "cluster_id")
-        ):
-            raise ValueError("conveyor does not send timestamp/type/user_id/app_id/cluster_id")
+        if self.timestamp is not None:
+            flags |= cls.FLAG_TIMESTAMP
+            pieces.append(struct.pack(">Q", self.timestamp))
+        if self.user_id is not None:
+            raise ValueError("conveyor does not send user_id")
+        for attr, flag in _LAST_SHORT_STRINGS:
+            value = getattr(self, attr)
+            if value is not None:
+                flags |= getattr(cls, flag)
+                pika.data.encode_short_string(pieces, value)
         return [struct.pack(">H", flags), *pieces]
 
 
-def _fix_pika_float_decoding() -> bool:
-    """Make pika decode ``f``/``d`` field values as floats (pika/pika#599: it truncates them
-    to integers, so Celery's ``timelimit`` ``[0.5, None]`` would arrive as ``[0, None]``).
+#: Header that stands for a field table pika could not decode (see _fix_pika_decoding).
+_UNDECODABLE_TABLE = "x-conveyor-undecodable-table"
 
-    Applied once, on import, only while pika still has the bug; every other field type goes
-    to pika's own decoder. Returns whether the fix was installed.
+
+def _fix_pika_decoding() -> bool:
+    """Make pika's field-table decoder total, on import, process-wide.
+
+    * ``f``/``d`` values decode as floats (pika/pika#599 truncates them to integers, so
+      Celery's ``timelimit`` ``[0.5, None]`` would arrive as ``[0, None]``); only while
+      pika has the bug.
+    * A ``T`` (timestamp) value that Python's datetime cannot hold (RabbitMQ passes any 64
+      bits on) decodes as its integer seconds instead of raising ``OverflowError``.
+    * A table that still fails to decode becomes ``{_UNDECODABLE_TABLE: "<why>"}`` (its length
+      prefix says where it ends), and the broker dead-letters that message.
+
+    Without the last two, one such message raised inside pika's frame parser: the
+    connection dropped, RabbitMQ redelivered the message, and the consumer looped on it
+    forever without delivering anything else. Every other value goes to pika's decoder.
+    Returns whether anything was installed.
     """
-    original = pika.data.decode_value
-    if getattr(original, "__conveyor_fix__", False):
-        return True
-    probe = struct.pack(">cd", b"d", 0.5)
-    if original(probe, 0)[0] == 0.5:
-        return False  # pika is fixed upstream
+    data = pika.data
+    original_value, original_table = data.decode_value, data.decode_table
+    if getattr(original_table, "__conveyor_fix__", False):
+        return False
+    float_bug = original_value(struct.pack(">cd", b"d", 0.5), 0)[0] != 0.5
 
     def decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
         kind = encoded[offset : offset + 1]
-        if kind == b"d":
+        if kind == b"T":
+            stamp = struct.unpack_from(">Q", encoded, offset + 1)[0]
+            try:
+                return datetime.fromtimestamp(stamp, timezone.utc), offset + 9
+            except (OverflowError, ValueError, OSError):
+                return stamp, offset + 9
+        if float_bug and kind == b"d":
             return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
-        if kind == b"f":
+        if float_bug and kind == b"f":
             return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
-        result: tuple[Any, int] = original(encoded, offset)
+        result: tuple[Any, int] = original_value(encoded, offset)
         return result
 
+    def decode_table(encoded: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+        try:
+            result: tuple[dict[Any, Any], int] = original_table(encoded, offset)
+            return result
+        except Exception as exc:  # RecursionError, struct.error, an unknown field type...
+            end = offset + 4 + struct.unpack_from(">I", encoded, offset)[0]
+            return {_UNDECODABLE_TABLE: f"{type(exc).__name__}: {exc}"[:200]}, end
+
     decode_value.__conveyor_fix__ = True  # type: ignore[attr-defined]
-    pika.data.decode_value = decode_value
+    decode_table.__conveyor_fix__ = True  # type: ignore[attr-defined]
+    data.decode_value = decode_value
+    data.decode_table = decode_table
     return True
 
 
-_fix_pika_float_decoding()
+_fix_pika_decoding()
 
 
 # ============================================================================== errors
+
+
+class _Nacked(OperationalError):
+    """RabbitMQ answered a publish with basic.nack (a full queue with ``reject-publish``, an
+    internal error): the message was not accepted. Transient for callers."""
 
 
 class _LinkDown(Exception):
@@ -1459,10 +1563,20 @@ class AMQPLink:
         if channel is None:
             self._pub_parked.append(batch)  # the publish channel is reopening
             return
+        # The header frame must fit in one frame: RabbitMQ closes the CONNECTION over a
+        # bigger one (every held delivery lost, the publish retried forever as transient).
+        room = int(getattr(self._conn.params, "frame_max", 0) or 131_072) - _HEADER_OVERHEAD
         for index, (exchange, key, body, properties) in enumerate(batch.entries):
             if batch.confirmed[index]:
                 continue
             try:
+                if isinstance(properties, Properties):
+                    size = sum(map(len, properties.encode()))
+                    if size > room:
+                        raise ValueError(
+                            f"its properties take {size} bytes, more than RabbitMQ's "
+                            f"frame_max allows ({room}): make its headers smaller"
+                        )
                 channel.basic_publish(exchange, key, body, properties)
             except (
                 pika.exceptions.UnsupportedAMQPFieldException,
@@ -1470,6 +1584,7 @@ class AMQPLink:
                 TypeError,
                 ValueError,
                 OverflowError,
+                RecursionError,
                 struct.error,
             ) as exc:
                 batch.fail(EncodeError(f"message cannot be sent over AMQP: {exc}"))
@@ -1499,7 +1614,7 @@ class AMQPLink:
                 batch.ack(index)
             else:
                 batch.fail(
-                    OperationalError(
+                    _Nacked(
                         "RabbitMQ refused a published message (basic.nack): it was not accepted"
                     )
                 )
@@ -1528,7 +1643,17 @@ class _Consumer:
 class _Receipt:
     """Broker-private handle of one delivery (``Delivery.receipt``)."""
 
-    __slots__ = ("broker", "consumer", "deadline", "epoch", "queue", "received", "state", "tag")
+    __slots__ = (
+        "broker",
+        "consumer",
+        "deadline",
+        "epoch",
+        "queue",
+        "received",
+        "special",
+        "state",
+        "tag",
+    )
 
     def __init__(self, broker: AMQPBroker, consumer: _Consumer, epoch: int, tag: int) -> None:
         self.broker = broker
@@ -1539,21 +1664,83 @@ class _Receipt:
         self.state = _BUFFERED
         self.deadline = 0.0
         self.received = 0.0
+        self.special: _Special | None = None  # set on the rare deliveries receive() handles
 
     def __repr__(self) -> str:
         return f"<AMQP receipt tag={self.tag} epoch={self.epoch} queue={self.queue!r}>"
 
 
+class _Special:
+    """Why receive() must handle a buffered delivery itself instead of handing it out.
+
+    ``reason`` set: the message cannot be decoded (dead-letter a stand-in). Otherwise a
+    redelivery on a classic queue whose count must be carried by a copy (``prior``: the
+    deliveries its headers recorded before this one's).
+    """
+
+    __slots__ = ("body", "prior", "properties", "reason")
+
+    def __init__(self, properties: Any, body: bytes, reason: str = "", prior: int = 0) -> None:
+        self.properties = properties
+        self.body = body
+        self.reason = reason
+        self.prior = prior
+
+
 def _plain(value: Any) -> Any:
-    """pika decodes 64-bit integers as a private ``int`` subclass; make values plain."""
+    """pika decodes 64-bit integers as a private ``int`` subclass; make values plain.
+
+    Raises:
+        DecodeError: a key that is not text (pika keeps invalid UTF-8 as bytes) or a table
+            pika could not decode (see :func:`_fix_pika_decoding`).
+    """
     kind = type(value)
     if kind is dict:
-        return {k: _plain(v) for k, v in value.items()}
+        if _UNDECODABLE_TABLE in value:
+            raise DecodeError(f"AMQP field table: {value[_UNDECODABLE_TABLE]}")
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise DecodeError(f"AMQP field table key {k!r:.60} is not UTF-8 text")
+            out[k] = _plain(v)
+        return out
     if kind is list:
         return [_plain(v) for v in value]
     if kind is not int and kind is not bool and isinstance(value, int):
         return int(value)
     return value
+
+
+def _stand_in_envelope(properties: Any, body: bytes) -> Envelope:
+    """What an undecodable delivery looks like until receive() dead-letters it (never
+    handed out: only its priority and id are used, for ordering and logs)."""
+    message_id = getattr(properties, "message_id", None)
+    ident = message_id if type(message_id) is str else hashlib.sha256(body).hexdigest()[:32]
+    return Envelope(id=ident, body=body, content_type=UNDECODABLE_CONTENT_TYPE)
+
+
+def _bytes_fields(properties: Any) -> str:
+    names = ("message_id", "correlation_id", "reply_to", "content_type", "content_encoding")
+    return ", ".join(
+        f"{name}={getattr(properties, name)!r:.60}"
+        for name in names
+        if type(getattr(properties, name)) is bytes
+    )
+
+
+def _describe(properties: Any) -> str:
+    """The properties of an undecodable message as text, for the stand-in's
+    :data:`ORIGINAL_HEADER` (bounded: the stand-in must fit in RabbitMQ's frame_max)."""
+    fields = {}
+    for name in (
+        "content_type", "content_encoding", "headers", "delivery_mode", "priority",
+        "correlation_id", "reply_to", "expiration", "message_id", "timestamp", "type",
+        "user_id", "app_id", "cluster_id",
+    ):  # fmt: skip
+        value = getattr(properties, name, None)
+        if value is not None:
+            fields[name] = value
+    return clean_text(repr(fields), MAX_ORIGINAL_CHARS)
 
 
 def _strip_delay_deaths(headers: dict[str, Any]) -> None:
@@ -1889,6 +2076,7 @@ class AMQPBroker(BrokerBase):
         if not delay or delay <= 0:
             self._ensure_queues([queue], deadline)
             return "", queue
+        check_delay(delay, MAX_DELAY, "the AMQP broker", _DELAY_WHY)
         units = _delay_units(delay)
         levels = [lv for lv in range(DELAY_LEVELS) if units >> lv & 1]
         self._ensure_queues([queue], deadline)
@@ -1954,7 +2142,7 @@ class AMQPBroker(BrokerBase):
             raise ConfigurationError(f"timeout must be >= 0 seconds, got {timeout!r}")
         start = time.monotonic()
         deadline = start + timeout
-        got = self._take(names, max_messages)
+        got = self._screen(self._take(names, max_messages))
         if got:
             return got
         op_timeout = self.options.operation_timeout
@@ -1974,16 +2162,138 @@ class AMQPBroker(BrokerBase):
             if self._closed or not link.ever_connected or link.down_for() > op_timeout:
                 raise
             return []
-        with self._cond:
-            while True:
-                got = self._take_locked(names, max_messages)
-                remaining = deadline - time.monotonic()
-                if got or remaining <= 0 or self._closed:
-                    break
-                self._cond.wait(remaining)
+        while True:
+            with self._cond:
+                while True:
+                    got = self._take_locked(names, max_messages)
+                    remaining = deadline - time.monotonic()
+                    if got or remaining <= 0 or self._closed:
+                        break
+                    self._cond.wait(remaining)
+            got = self._screen(got)
+            if got or deadline <= time.monotonic() or self._closed:
+                break
         if not got:
             self._check_open()
         return got
+
+    # ------------------------------------------------------------------ special deliveries
+    def _screen(self, got: list[Delivery]) -> list[Delivery]:
+        """Handle the taken deliveries that must not be handed out (``_Special``); return the
+        others. Costs one pass over the batch when there are none."""
+        if not got or all(d.receipt.special is None for d in got):
+            return got
+        kept = []
+        for delivery in got:
+            special: _Special | None = delivery.receipt.special
+            if special is None:
+                kept.append(delivery)
+            else:
+                try:
+                    if special.reason:
+                        self._dead_letter_undecodable(delivery, special)
+                    elif self._recount(delivery, special):
+                        kept.append(delivery)  # uncounted this once (see _recount)
+                except Exception:  # never out of receive(): RabbitMQ has it back at worst
+                    log.exception("handling a delivery of %r failed", delivery.queue)
+                    self._settle_quietly(delivery, "requeue")
+        return kept
+
+    def _recount(self, delivery: Delivery, special: _Special) -> bool:
+        """A redelivery from a classic queue (no ``x-delivery-count``): publish a copy whose
+        :data:`DELIVERIES_HEADER` counts this delivery's predecessor, wait for its confirm,
+        then ack the original. The count thus lives in RabbitMQ and survives any consumer's
+        death; a crash between confirm and ack leaves a duplicate, never a loss."""
+        props = special.properties
+        headers = dict(props.headers or {})
+        headers[DELIVERIES_HEADER] = special.prior + 1
+        copy = Properties(
+            headers=headers,
+            **{name: getattr(props, name) for name in _COPIED_PROPERTIES},
+        )
+        entry = ("", delivery.queue, special.body, copy)
+        try:
+            self._link.publish([entry], self._deadline())
+        except _Nacked as exc:
+            # The queue takes no publish now (full, reject-publish): requeueing would spin on
+            # it. Hand it out uncounted this once.
+            log.warning("cannot count a redelivery of %r now: %s", delivery.queue, exc)
+            delivery.receipt.special = None
+            return True
+        except OperationalError as exc:
+            log.warning("could not re-publish a redelivery of %r to count it (given back "
+                        "to RabbitMQ): %s", delivery.queue, exc)  # fmt: skip
+            self._settle_quietly(delivery, "requeue")
+        except ConveyorError as exc:
+            # Its headers cannot take the count (frame_max): handed out, it could loop without
+            # limit, so it goes to the dead letters (a copy without its headers, if need be).
+            reason = clean_reason(f"its deliveries cannot be counted: {exc}")
+            log.error("dead-lettering a message of %r: %s", delivery.queue, reason)
+            with contextlib.suppress(InvalidReceipt, ConnectionLost, OperationalError):
+                self.reject(delivery, requeue=False, reason=reason)
+        else:
+            self._ack_processed(delivery)
+        return False
+
+    def _dead_letter_undecodable(self, delivery: Delivery, special: _Special) -> None:
+        """Publish the well-formed stand-in of an undecodable message to ``<queue>.dead``
+        (its body, the reason, its properties as text), then ack it. Never raises."""
+        queue = delivery.queue
+        log.error("dead-lettering a message of %r: %s", queue, special.reason)
+        headers = {
+            DEAD_LETTER_REASON_HEADER: special.reason,
+            DEAD_LETTER_SOURCE_HEADER: queue,
+            ORIGINAL_HEADER: _describe(special.properties),
+        }
+        stand_in = Envelope(
+            id=delivery.envelope.id,
+            body=special.body,
+            content_type=UNDECODABLE_CONTENT_TYPE,
+            content_encoding="binary",
+            headers=headers,
+        )
+        try:
+            self._publish_copy(stand_in, self.dead_letter_queue(queue))
+        except OperationalError as exc:
+            log.warning("could not dead-letter it now (given back to RabbitMQ): %s", exc)
+            self._settle_quietly(delivery, "requeue")
+            return
+        except ConveyorError as exc:  # a dead-letter queue name RabbitMQ cannot take
+            log.error("could not dead-letter it: %s; it is dropped", exc)
+        self._settle_quietly(delivery, "ack")
+
+    def _ack_processed(self, delivery: Delivery) -> None:
+        """Ack the original of a counted copy and wait until RabbitMQ has PROCESSED the ack
+        (a synchronous method on the same channel is answered after it), before anything
+        else is handed out: the copy may be the next delivery, and a task that kills its
+        process must not find the original still unacked (a duplicate per crash). Never
+        raises: if the channel closed, RabbitMQ delivers the original again (a duplicate)."""
+        receipt: _Receipt = delivery.receipt
+        with self._cond:
+            if not self._begin_settle(receipt, delivery):
+                return
+        try:
+            self._send_settle(receipt, delivery, "ack")
+            prefetch = max(1, receipt.consumer.prefetch)
+            op = self._op_barrier(prefetch)
+            self._link.run_op(op, self._deadline())
+        except (ConveyorError, _LinkDown) as exc:
+            log.info("ack of a counted redelivery not confirmed: %s", exc)
+
+    @staticmethod
+    def _op_barrier(prefetch: int) -> Op[None]:
+        # basic.qos with the consumer's own prefetch changes nothing (it applies to consumers
+        # started later) and is answered in order with the channel's other frames.
+        yield rpc("con", "basic_qos", prefetch_count=prefetch)
+
+    def _settle_quietly(self, delivery: Delivery, action: str) -> None:
+        """ack or requeue a delivery receive() handled itself; a lost lease (the channel
+        closed meanwhile: RabbitMQ has it back already) is no error here."""
+        with contextlib.suppress(InvalidReceipt, OperationalError):
+            if action == "ack":
+                self.ack(delivery)
+            else:
+                self.reject(delivery, requeue=True)
 
     def _needs_consumers(self, names: Sequence[str]) -> bool:
         with self._cond:
@@ -2034,16 +2344,28 @@ class AMQPBroker(BrokerBase):
     def _on_message(
         self, consumer: _Consumer, epoch: int, method: Any, properties: Any, body: bytes
     ) -> None:
-        """I/O thread: one delivery arrived; buffer it."""
+        """I/O thread: one delivery arrived; buffer it. Never raises (an exception here would
+        drop the connection, and RabbitMQ would redeliver the same message forever)."""
         if epoch != self._link.epoch("con"):
             return  # a late frame of a closed channel (cannot be acked anyway)
-        envelope, count = self._envelope(properties, body)
         receipt = _Receipt(self, consumer, epoch, method.delivery_tag)
+        redelivered = bool(method.redelivered)
+        try:
+            envelope, count, prior = self._envelope(properties, body)
+            if redelivered and self.options.queue_type != "quorum":
+                # A classic queue does not count deliveries: receive() carries the count in
+                # a copy (see _recount). Never on the first delivery of a message.
+                receipt.special = _Special(properties, bytes(body), prior=prior)
+                count = None
+            redelivered = redelivered or prior > 0
+        except Exception as exc:  # any shape of bad message: dead-letter it in receive()
+            receipt.special = _Special(properties, bytes(body), reason=undecodable_reason(exc))
+            envelope, count = _stand_in_envelope(properties, bytes(body)), None
         delivery = Delivery(
             envelope=envelope,
             queue=consumer.queue,
             receipt=receipt,
-            redelivered=bool(method.redelivered),
+            redelivered=redelivered,
             delivery_count=count,
         )
         with self._cond:
@@ -2054,31 +2376,63 @@ class AMQPBroker(BrokerBase):
             )
             self._cond.notify_all()
 
-    def _envelope(self, properties: Any, body: bytes) -> tuple[Envelope, int | None]:
-        headers = _plain(dict(properties.headers or {}))
+    def _envelope(self, properties: Any, body: bytes) -> tuple[Envelope, int | None, int]:
+        """``(envelope, delivery_count, prior)``: ``prior`` is the count conveyor's own header
+        carries (classic queues); ``delivery_count`` is None for a classic redelivery.
+
+        Raises:
+            DecodeError: (or any exception) the properties are not a message conveyor can
+                hand out.
+        """
+        raw_headers = properties.headers
+        if raw_headers is not None and type(raw_headers) is not dict:
+            raise DecodeError("AMQP headers are not a field table")
+        headers = _plain(raw_headers) if raw_headers else {}
         returned = headers.pop("x-delivery-count", None)
+        recorded = headers.pop(DELIVERIES_HEADER, None)
         _strip_delay_deaths(headers)
-        count: int | None = None
+        prior = 0
+        count: int | None
         if self.options.queue_type == "quorum":
             count = int(returned) + 1 if isinstance(returned, int) else 1
+        else:
+            if type(recorded) is int and recorded > 0:
+                prior = min(recorded, _MAX_COUNT)  # so prior + 1 always fits its header
+            count = prior + 1
+        message_id = properties.message_id
+        correlation_id = properties.correlation_id
+        reply_to = properties.reply_to
+        content_type = properties.content_type
+        encoding = properties.content_encoding
+        # pika gives a short string it cannot decode as UTF-8 as bytes (else str or None).
+        if (
+            type(message_id) is bytes
+            or type(correlation_id) is bytes
+            or type(reply_to) is bytes
+            or type(content_type) is bytes
+            or type(encoding) is bytes
+        ):
+            raise DecodeError(
+                f"AMQP properties that are not UTF-8 text: {_bytes_fields(properties)}"
+            )
         header_id = headers.get("id")
         envelope_id = (
-            properties.message_id
+            message_id
             or (header_id if isinstance(header_id, str) and header_id else None)
-            or properties.correlation_id
+            or correlation_id
             or hashlib.sha256(bytes(body)).hexdigest()[:32]
         )
         envelope = Envelope(
             id=envelope_id,
             body=bytes(body),
-            content_type=properties.content_type or "",
-            content_encoding=properties.content_encoding or "",
+            content_type=content_type or "",
+            content_encoding=encoding or "",
             headers=headers,
-            priority=int(properties.priority or 0),
-            correlation_id=properties.correlation_id,
-            reply_to=properties.reply_to,
+            priority=min(int(properties.priority or 0), 9),  # AMQP allows 0-255; conveyor 0-9
+            correlation_id=correlation_id,
+            reply_to=reply_to,
         )
-        return envelope, count
+        return envelope, count, prior
 
     def _take(self, names: Sequence[str], limit: int) -> list[Delivery]:
         with self._cond:
@@ -2226,10 +2580,11 @@ class AMQPBroker(BrokerBase):
             self._send_settle(receipt, delivery, "requeue")
             return
         if self._uses_dlx(delivery.queue):
+            log.info("dead-lettering %s through RabbitMQ's DLX: %s", delivery.envelope.id, reason)
             self._send_settle(receipt, delivery, "drop")
             return
         try:
-            self._publish_dead(delivery, reason)
+            self._publish_dead(delivery, clean_reason(reason))
         except BaseException:
             with self._cond:  # not dead-lettered: the delivery is still ours to settle
                 if receipt.state == _SETTLING:
@@ -2239,16 +2594,41 @@ class AMQPBroker(BrokerBase):
         self._send_settle(receipt, delivery, "ack")
 
     def _publish_dead(self, delivery: Delivery, reason: str) -> None:
+        """Publish the dead-letter copy. Only a transient failure raises: a copy RabbitMQ
+        cannot take (headers past ``frame_max``, a dead-letter queue name too long) is
+        replaced by a stand-in without the original headers, and failing that dropped."""
         envelope = delivery.envelope
         dead = self.dead_letter_queue(delivery.queue)
-        _check_name(dead)
         headers = dict(envelope.headers)
         headers[DEAD_LETTER_REASON_HEADER] = reason
         headers[DEAD_LETTER_SOURCE_HEADER] = delivery.queue
+        try:
+            self._publish_copy(dataclasses.replace(envelope, headers=headers), dead)
+            return
+        except OperationalError:
+            raise
+        except ConveyorError as exc:
+            log.error("dead letter of %s refused (%s): keeping its body only", envelope.id, exc)
+        original = clean_text(repr(dict(envelope.headers)), MAX_ORIGINAL_CHARS)
+        headers = {
+            DEAD_LETTER_REASON_HEADER: reason,
+            DEAD_LETTER_SOURCE_HEADER: delivery.queue,
+            ORIGINAL_HEADER: original,
+        }
+        try:
+            self._publish_copy(dataclasses.replace(envelope, headers=headers), dead)
+        except OperationalError:
+            raise
+        except ConveyorError as exc:
+            log.error("cannot dead-letter %s (%s): it is dropped", envelope.id, exc)
+
+    def _publish_copy(self, envelope: Envelope, queue: str) -> None:
+        _check_name(queue.removesuffix(DEAD_LETTER_SUFFIX))
+        if len(queue.encode("utf-8")) > _MAX_NAME_BYTES:
+            raise ConfigurationError(f"queue name {queue[:40]!r}... is longer than 255 bytes")
         deadline = self._deadline()
-        self._ensure_queues([dead], deadline)
-        entry = ("", dead, envelope.body, self._properties(envelope, headers))
-        self._link.publish([entry], deadline)
+        self._ensure_queues([queue], deadline)
+        self._link.publish([("", queue, envelope.body, self._properties(envelope))], deadline)
 
     def extend(self, delivery: Delivery, seconds: float) -> None:
         """Keep holding ``delivery`` for ``seconds`` from now (the client-side lease).

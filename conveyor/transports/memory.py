@@ -28,9 +28,12 @@ Thread-safety:
 Semantics worth knowing:
     * Dead letters: ``reject(requeue=False)`` on queue ``q`` moves the message to the ordinary
       queue ``dead_letter_queue(q) == q + ".dead"`` with the same id and body; the reason is in
-      the header ``x-conveyor-dead-letter-reason`` and the source queue in
-      ``x-conveyor-dead-letter-queue``. Rejecting from a dead-letter queue dead-letters again
-      (``q.dead.dead``); no queue is special.
+      the header ``x-conveyor-dead-letter-reason`` (printable text of at most 1000 characters,
+      whatever was given) and the source queue in ``x-conveyor-dead-letter-queue``. Rejecting
+      from a dead-letter queue dead-letters again (``q.dead.dead``); no queue is special.
+    * Envelopes are kept as objects, so there is nothing to decode and no malformed message:
+      a wrong priority or delay is refused by ``publish``. Delays are kept to the millisecond
+      up to about 142,000 years; a longer or infinite delay raises ``ConfigurationError``.
     * Redelivered messages (requeued, released by ``close()``, or whose lease expired) go to the
       front of their priority, ahead of newer messages.
     * A lease that has run out is lost only once the store notices (the next ``receive``,
@@ -66,6 +69,14 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import parse_url
+from conveyor.transports._common import (
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUFFIX,
+    EXACT_MS_MAX_DELAY,
+    check_delay,
+    clean_reason,
+)
 
 __all__ = [
     "DEAD_LETTER_REASON_HEADER",
@@ -75,13 +86,6 @@ __all__ = [
     "MemoryBrokerOptions",
     "MemoryStore",
 ]
-
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX``.
-DEAD_LETTER_SUFFIX = ".dead"
-#: Header carrying the ``reason`` given to ``reject`` on a dead-lettered message.
-DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
-#: Header carrying the queue a dead-lettered message was rejected from.
-DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
 
 _PRIORITIES = 10
 # Receipt states. A receipt is settled once (ack or reject); settling it again is a no-op.
@@ -307,6 +311,7 @@ class MemoryStore:
 
 
 _OWNER = "memory broker"
+_DELAY_WHY = "due times are float seconds kept to the millisecond"
 
 
 class MemoryBroker(BrokerBase):
@@ -395,6 +400,8 @@ class MemoryBroker(BrokerBase):
             ConnectionLost: this broker or its store is closed.
         """
         self._check_publish(envelope, delay)
+        if delay:
+            check_delay(delay, EXACT_MS_MAX_DELAY, "the memory broker", _DELAY_WHY)
         store = self.store
         with store._lock:
             self._check_open()
@@ -420,6 +427,8 @@ class MemoryBroker(BrokerBase):
         batch = list(envelopes)
         for envelope in batch:
             self._check_publish(envelope, delay)
+        if delay:
+            check_delay(delay, EXACT_MS_MAX_DELAY, "the memory broker", _DELAY_WHY)
         store = self.store
         with store._lock:
             self._check_open()
@@ -529,7 +538,7 @@ class MemoryBroker(BrokerBase):
                 envelope = message.envelope
                 headers = {
                     **envelope.headers,
-                    DEAD_LETTER_REASON_HEADER: reason,
+                    DEAD_LETTER_REASON_HEADER: clean_reason(reason),
                     DEAD_LETTER_SOURCE_HEADER: receipt.queue.name,
                 }
                 dead = _Message(dataclasses.replace(envelope, headers=headers))

@@ -6,8 +6,23 @@ Capabilities:
     ``delayed_delivery`` (a ``due`` time with its own index: delayed messages stay in the
     collection, never in worker memory), ``priority`` (0-9, higher first, FIFO within one
     priority), ``dead_letter`` (``reject(requeue=False)`` moves the message to the queue
-    ``<queue>.dead`` and records the reason), ``queue_size``, ``durable`` (as durable as the
+    ``<queue>.dead`` and records the reason in the field ``dead_reason``, delivered as the
+    header ``x-conveyor-dead-letter-reason``), ``queue_size``, ``durable`` (as durable as the
     write concern of the URL: ``w=majority`` for replica-set durability), ``cross_process``.
+
+Limits and bad input:
+    A delay must end before the year 10000 (BSON dates as Python reads them); a longer one
+    raises ``ConfigurationError`` at publish. Queue names, ids and lease tokens are always
+    strings compared with plain equality, never query operators; an envelope id must be a
+    string. A claimed document that cannot become a delivery (a document written by something
+    else: headers that are not JSON text of a map, a dict or number for an id, a body that is
+    not binary, a priority that is not an integer) is never handed out and never left to come
+    back: in the same claim it is moved to ``<queue>.dead`` with content type
+    ``application/x-conveyor-undecodable``, its original fields in the header
+    ``x-conveyor-original`` and the reason recorded (``conveyor.transports._common``); the
+    other messages of the claim are returned. A ``delivery_count`` that is not a number (which
+    would make every claim's ``$inc`` fail) moves its document the same way, found by the claim
+    that fails on it.
 
 URL:
     ``mongodb://[user:pass@]host[:port][,host2:port...]/[database][?options]`` and
@@ -102,6 +117,7 @@ from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
     ConveyorError,
+    DecodeError,
     EncodeError,
     InvalidReceipt,
     InvalidURL,
@@ -111,6 +127,17 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options, closest
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import mask_url, parse_url
+from conveyor.transports._common import (
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUFFIX,
+    ORIGINAL_HEADER,
+    UNDECODABLE_CONTENT_TYPE,
+    clamp_priority,
+    clean_reason,
+    clean_text,
+    undecodable_reason,
+)
 
 __all__ = [
     "DEAD_LETTER_REASON_HEADER",
@@ -120,16 +147,11 @@ __all__ = [
     "MongoDBBroker",
     "MongoDBBrokerOptions",
     "driver_defaults",
+    "driver_option_names",
     "split_mongodb_url",
     "translate_error",
 ]
 
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` (as for the memory and SQL brokers).
-DEAD_LETTER_SUFFIX = ".dead"
-#: Header added on delivery from a dead-letter queue: the ``reason`` given to ``reject``.
-DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
-#: Header added on delivery from a dead-letter queue: the queue it was rejected from.
-DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
 #: URL schemes served by the MongoDB broker and result backend.
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 
@@ -200,25 +222,62 @@ def split_mongodb_url(url: str, option_names: Iterable[str]) -> tuple[str, dict[
     return driver_url, ours
 
 
+def driver_option_names() -> frozenset[str] | None:
+    """The URI options pymongo knows, lower-cased, from its own tables
+    (``pymongo.common.URI_OPTIONS_VALIDATOR_MAP`` plus aliases and deprecated spellings; older
+    releases: ``VALIDATORS``). None if this pymongo has neither."""
+    from pymongo import common
+
+    table = getattr(common, "URI_OPTIONS_VALIDATOR_MAP", None)
+    if not isinstance(table, Mapping):
+        table = getattr(common, "VALIDATORS", None)
+    if not isinstance(table, Mapping) or not table:
+        return None
+    names = {str(k).lower() for k in table}
+    for extra in ("URI_OPTIONS_ALIAS_MAP", "URI_OPTIONS_DEPRECATION_MAP"):
+        more = getattr(common, extra, None)
+        if isinstance(more, Mapping):
+            names.update(str(k).lower() for k in more)
+    return frozenset(names)
+
+
 def _check_driver_options(url: str, query: str, names: frozenset[str]) -> None:
     """Refuse query keys that are neither conveyor's nor the driver's (pymongo would only
-    warn and ignore them, so a typo such as ``lease_secnds`` would pass silently)."""
+    warn and ignore them, so a typo such as ``lease_secnds`` would pass silently).
+
+    Keys are checked against pymongo's own table of URI options, never by reading its error
+    text (pymongo 4.20 stopped naming the unknown key there). Values are then validated by
+    pymongo itself. Without a table (a pymongo that has none), each key is tried alone with
+    pymongo's parser, so the error still names the right key.
+    """
     if not query:
         return
+    delimiter = ";" if "&" not in query and ";" in query else "&"
+    items = [item for item in query.split(delimiter) if item]
+    known = driver_option_names()
+    for item in items:
+        key = unquote_plus(item.partition("=")[0])
+        if known is not None:
+            unknown = key.lower() not in known
+        else:
+            try:
+                split_options(item, validate=True, warn=False)
+                unknown = False
+            except mongo_errors.ConfigurationError:
+                unknown = True  # or a bad value: the suggestion below tells which is likely
+            except (ValueError, TypeError):
+                unknown = False  # a bad value; reported by the whole-query check below
+        if unknown:
+            hint = closest(key, names) or closest(key.lower(), known or ())
+            did = f" Did you mean {hint!r}?" if hint else ""
+            raise ConfigurationError(
+                f"{mask_url(url)!r}: unknown option {mask_url(key)[:100]!r}.{did} conveyor "
+                f"options: {', '.join(sorted(names))}; any other key must be a MongoDB URI "
+                "option"
+            )
     try:
         split_options(query, validate=True, warn=False)
-    except mongo_errors.ConfigurationError as exc:
-        detail = str(exc).split(". Did you mean", 1)[0]
-        unknown = (
-            detail.removeprefix("Unknown option: ").strip() if "Unknown option" in detail else ""
-        )
-        hint = closest(unknown, names) if unknown else None
-        did = f" Did you mean {hint!r}?" if hint else ""
-        raise ConfigurationError(
-            f"{mask_url(url)!r}: {mask_url(detail)}.{did} conveyor options: "
-            f"{', '.join(sorted(names))}; any other key must be a MongoDB URI option"
-        ) from None
-    except (ValueError, TypeError) as exc:
+    except (mongo_errors.ConfigurationError, ValueError, TypeError) as exc:
         raise ConfigurationError(f"{mask_url(url)!r}: {mask_url(str(exc))}") from None
 
 
@@ -404,6 +463,44 @@ def _valid_collection_name(name: str) -> bool:
 
 # ================================================================================== broker
 
+_TYPE_MISMATCH = 14  # OperationFailure code: "Cannot apply $inc to a value of non-numeric type"
+
+
+def _guard(receipt: _Receipt) -> dict[str, Any]:
+    """The filter "this delivery still holds its document". ``$eq``: a document id that is
+    itself a map is compared, never read as query operators."""
+    return {"_id": {"$eq": receipt.doc_id}, "lease_owner": {"$eq": receipt.token}}
+
+
+class _AnyId:
+    """A document id that is not hashable (a map or list some other writer chose), made
+    usable as a key by its ``repr``; :func:`_id_value` gives the id back."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.key = repr(value)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _AnyId) and other.key == self.key
+
+
+def _id_key(doc_id: Any) -> Any:
+    """A hashable key for a document id (ObjectIds and strings are their own)."""
+    try:
+        hash(doc_id)
+    except TypeError:
+        return _AnyId(doc_id)
+    return doc_id
+
+
+def _id_value(key: Any) -> Any:
+    return key.value if isinstance(key, _AnyId) else key
+
 
 @dataclass(frozen=True, slots=True)
 class _Receipt:
@@ -450,7 +547,11 @@ class MongoDBBroker(BrokerBase):
         self._owns_client = _owns_client
         self.url = url or "mongodb://"
         name = self.options.database or client.get_default_database("conveyor").name
-        self._collection: Collection[dict[str, Any]] = client[name][self.options.collection]
+        collection = client[name][self.options.collection]
+        # Text that is not UTF-8 (a server that does not check what others wrote) must make
+        # one message undecodable, not every claim raise while reading the claimed document.
+        codec = collection.codec_options.with_options(unicode_decode_error_handler="replace")
+        self._collection: Collection[dict[str, Any]] = collection.with_options(codec_options=codec)
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count(1)
         self._lock = threading.Lock()
@@ -564,10 +665,18 @@ class MongoDBBroker(BrokerBase):
             ) from exc
         if not isinstance(envelope.body, bytes | bytearray | memoryview):
             raise EncodeError(f"body of {envelope.id!r} must be bytes")
+        if not isinstance(envelope.id, str):
+            raise ConfigurationError(f"an envelope id must be a string, got {envelope.id!r:.80}")
         now = _now()
         due = now
         if delay is not None and delay > 0:
-            due = _ceil_ms(now + timedelta(seconds=float(delay)))
+            try:
+                due = _ceil_ms(now + timedelta(seconds=float(delay)))
+            except (OverflowError, ValueError):
+                raise ConfigurationError(
+                    f"delay {delay!r}s is longer than the MongoDB broker can hold: its due time "
+                    "must be before the year 10000 (BSON dates as Python reads them)"
+                ) from None
         return {
             "queue": queue,
             "state": _DELAYED if due is not now else _READY,
@@ -712,16 +821,110 @@ class MongoDBBroker(BrokerBase):
             self._promote(promote)
         selector: Any = names[0] if len(names) == 1 else {"$in": names}
         with self._driver(f"receive from {names!r}"):
-            if limit == 1:
-                return self._claim_one(selector)
-            for _ in range(_BATCH_ATTEMPTS):
-                deliveries, candidates = self._claim_batch(selector, limit)
-                if deliveries or not candidates:
-                    return deliveries
-                # Every candidate went to other consumers between our two steps: look again.
+            for attempt in range(2):
+                try:
+                    return self._claim_pass(names, selector, limit)
+                except (mongo_errors.OperationFailure, mongo_errors.WriteError) as exc:
+                    if exc.code != _TYPE_MISMATCH or attempt:
+                        raise
+                # A document whose delivery_count is not a number fails every $inc of a claim
+                # that picks it: move such documents away, then claim again.
+                self._quarantine(names)
         return []
 
-    def _claim_one(self, selector: Any) -> list[Delivery]:
+    def _claim_pass(self, names: list[str], selector: Any, limit: int) -> list[Delivery]:
+        if limit == 1:
+            return self._finish(names, *self._claim_one(selector))
+        for _ in range(_BATCH_ATTEMPTS):
+            docs, token, candidates = self._claim_batch(selector, limit)
+            if docs or not candidates:
+                return self._finish(names, docs, token)
+            # Every candidate went to other consumers between our two steps: look again.
+        return []
+
+    def _quarantine(self, names: list[str]) -> None:
+        for name in names:
+            moved = self._collection.update_many(
+                {
+                    "queue": name,
+                    "state": _READY,
+                    "delivery_count": {"$exists": True},
+                    "$or": [
+                        {"delivery_count": {"$not": {"$type": "number"}}},
+                        {"delivery_count": {"$type": "array"}},  # [1] has "type number" too
+                    ],
+                },
+                {
+                    "$set": {
+                        **self._dead_fields(name),
+                        "dead_reason": "undecodable message: delivery_count is not a number",
+                    }
+                },
+            )
+            if moved.modified_count:
+                log.error(
+                    "dead-lettered %d document(s) of %r whose delivery_count is not a number",
+                    moved.modified_count,
+                    name,
+                )
+
+    def _dead_fields(self, queue: str) -> dict[str, Any]:
+        """What moves a document to ``queue``'s dead-letter queue (``dead_reason`` apart)."""
+        return {
+            "queue": self.dead_letter_queue(queue),
+            "state": _READY,
+            "lease_owner": None,
+            "lease_expires": _EPOCH,
+            "delivery_count": 0,
+            "dead_from": queue,
+            "dead_at": _now(),
+        }
+
+    def _finish(self, names: list[str], docs: list[dict[str, Any]], token: str) -> list[Delivery]:
+        """Deliveries of the claimed ``docs``; the ones that are not messages are
+        dead-lettered as stand-ins (never raised, never returned, never left to come back)."""
+        deliveries: list[Delivery] = []
+        for doc in docs:
+            try:
+                deliveries.append(self._delivery(doc, token, names))
+            except Exception as exc:  # any shape of bad document
+                self._dead_letter_undecodable(doc, token, names, undecodable_reason(exc))
+        self._leases.hold((_id_key(d.receipt.doc_id), token) for d in deliveries)
+        return deliveries
+
+    def _dead_letter_undecodable(
+        self, doc: Mapping[str, Any], token: str, names: list[str], reason: str
+    ) -> None:
+        queue = doc.get("queue")
+        source = queue if isinstance(queue, str) and queue in names else names[0]
+        log.error("dead-lettering a document of %r (_id %r): %s", source, doc.get("_id"), reason)
+        original = {
+            k: clean_text(repr(doc.get(k)), 2000)
+            for k in ("message_id", "content_type", "content_encoding", "headers", "priority")
+        }
+        message_id = doc.get("message_id")
+        stand_in = {
+            **self._dead_fields(source),
+            "dead_reason": reason,
+            "message_id": message_id if isinstance(message_id, str) else original["message_id"],
+            "content_type": UNDECODABLE_CONTENT_TYPE,
+            "content_encoding": "binary",
+            "headers": json.dumps({ORIGINAL_HEADER: original}),
+            "priority": 0,
+            "correlation_id": None,
+            "reply_to": None,
+            "due": _now(),
+        }
+        if not isinstance(doc.get("body"), bytes):
+            stand_in["body"] = clean_text(repr(doc.get("body")), 16_000).encode()
+        try:
+            self._collection.update_one(
+                {"_id": {"$eq": doc["_id"]}, "lease_owner": {"$eq": token}}, {"$set": stand_in}
+            )
+        except Exception as exc:  # never out of receive(): the lease runs out, it comes back
+            log.warning("could not dead-letter %r (it comes back later): %s", doc["_id"], exc)
+
+    def _claim_one(self, selector: Any) -> tuple[list[dict[str, Any]], str]:
         """The claim: ONE ``find_one_and_update``, atomic on the document it picks."""
         token = f"{self._instance}:{next(self._sequence)}"
         now = _now()
@@ -734,12 +937,9 @@ class MongoDBBroker(BrokerBase):
             sort=_CLAIM_ORDER,
             return_document=ReturnDocument.AFTER,
         )
-        if doc is None:
-            return []
-        self._leases.hold([(doc["_id"], token)])
-        return [self._delivery(doc, token)]
+        return ([] if doc is None else [doc]), token
 
-    def _claim_batch(self, selector: Any, limit: int) -> tuple[list[Delivery], int]:
+    def _claim_batch(self, selector: Any, limit: int) -> tuple[list[dict[str, Any]], str, int]:
         """Claim up to ``limit`` messages in three round trips, whatever ``limit`` is.
 
         1. read the ids of the best ``limit`` ready messages (claim order, index only);
@@ -749,7 +949,8 @@ class MongoDBBroker(BrokerBase):
            between is skipped, never shared;
         3. read back the documents that carry our token.
 
-        Returns the deliveries (claim order) and how many candidates step 1 found.
+        Returns the documents (claim order), their lease token and how many candidates step
+        1 found.
         """
         now = _now()
         ready = {"queue": selector, "state": _READY, "lease_expires": {"$lte": now}}
@@ -758,44 +959,76 @@ class MongoDBBroker(BrokerBase):
             for d in self._collection.find(ready, {"_id": 1}, sort=_CLAIM_ORDER, limit=limit)
         ]
         if not ids:
-            return [], 0
+            return [], "", 0
         token = f"{self._instance}:{next(self._sequence)}"
-        self._collection.update_many(
-            {**ready, "_id": {"$in": ids}},
-            {
-                "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
-                "$inc": {"delivery_count": 1},
-            },
-        )
+        try:
+            self._collection.update_many(
+                {**ready, "_id": {"$in": ids}},
+                {
+                    "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
+                    "$inc": {"delivery_count": 1},
+                },
+            )
+        except mongo_errors.PyMongoError:
+            # Stopped part-way (a delivery_count $inc cannot add to): give back what it
+            # stamped, so those messages need not wait for the lease to run out.
+            self._collection.update_many(
+                {"lease_owner": token},
+                {
+                    "$set": {"lease_owner": None, "lease_expires": _EPOCH},
+                    "$inc": {"delivery_count": -1},
+                },
+            )
+            raise
         docs = list(self._collection.find({"_id": {"$in": ids}, "lease_owner": token}))
-        rank = {doc_id: i for i, doc_id in enumerate(ids)}
-        docs.sort(key=lambda d: (-int(d["priority"]), rank[d["_id"]]))
-        self._leases.hold((doc["_id"], token) for doc in docs)
-        return [self._delivery(doc, token) for doc in docs], len(ids)
+        # Rank by position in ``ids`` (already claim order): no field of a document that
+        # something else wrote is trusted to sort by.
+        rank = {i: n for n, i in enumerate(map(_id_key, ids))}
+        docs.sort(key=lambda d: rank.get(_id_key(d["_id"]), 0))
+        return docs, token, len(ids)
 
     def _lease_end(self, now: datetime) -> datetime:
         return _ceil_ms(now + timedelta(seconds=float(self.options.lease_seconds)))
 
     @staticmethod
-    def _delivery(doc: Mapping[str, Any], token: str) -> Delivery:
-        headers = json.loads(doc["headers"])
+    def _delivery(doc: Mapping[str, Any], token: str, names: Sequence[str]) -> Delivery:
+        raw = doc.get("headers")
+        headers = json.loads(raw) if isinstance(raw, str) else None
+        if not isinstance(headers, dict):
+            raise DecodeError(f"headers are not JSON text of a map: {raw!r:.100}")
         if doc.get("dead_from") is not None:
-            headers[DEAD_LETTER_REASON_HEADER] = doc.get("dead_reason") or ""
-            headers[DEAD_LETTER_SOURCE_HEADER] = doc["dead_from"]
+            headers[DEAD_LETTER_REASON_HEADER] = str(doc.get("dead_reason") or "")
+            headers[DEAD_LETTER_SOURCE_HEADER] = str(doc["dead_from"])
+        queue = doc.get("queue")
+        if not (isinstance(queue, str) and queue in names):
+            raise DecodeError(f"queue is not one of the names received from: {queue!r:.100}")
+        for name in ("message_id", "content_type", "content_encoding"):
+            if not isinstance(doc.get(name), str):
+                raise DecodeError(f"{name} is not a string: {doc.get(name)!r:.100}")
+        for name in ("correlation_id", "reply_to"):
+            if not isinstance(doc.get(name), str | None):
+                raise DecodeError(f"{name} is not a string: {doc.get(name)!r:.100}")
+        body = doc.get("body")
+        if not isinstance(body, bytes):  # BSON binary (subtype 0) reads as bytes
+            raise DecodeError(f"body is not binary: {type(body).__name__}")
+        count = doc.get("delivery_count")
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)  # a number $inc made from a double some client wrote
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise DecodeError(f"delivery_count is not an integer: {count!r:.40}")
         envelope = Envelope(
             id=doc["message_id"],
-            body=bytes(doc["body"]),
+            body=body,
             content_type=doc["content_type"],
             content_encoding=doc["content_encoding"],
             headers=headers,
-            priority=int(doc["priority"]),
+            priority=clamp_priority(doc.get("priority")),
             correlation_id=doc.get("correlation_id"),
             reply_to=doc.get("reply_to"),
         )
-        count = int(doc["delivery_count"])
         return Delivery(
             envelope=envelope,
-            queue=doc["queue"],
+            queue=queue,
             receipt=_Receipt(doc["_id"], token),
             redelivered=count > 1,
             delivery_count=count,
@@ -810,15 +1043,15 @@ class MongoDBBroker(BrokerBase):
         return receipt
 
     def _was_settled(self, receipt: _Receipt) -> bool:
-        return self._leases.was_settled(receipt.doc_id, receipt.token)
+        return self._leases.was_settled(_id_key(receipt.doc_id), receipt.token)
 
     def _settle(self, receipt: _Receipt) -> None:
-        self._leases.settle(receipt.doc_id, receipt.token)
+        self._leases.settle(_id_key(receipt.doc_id), receipt.token)
 
     def _lost(self, receipt: _Receipt) -> bool:
         """After a guarded write matched nothing: True when the document still exists (held
         by a newer delivery, or back in a queue): the lease was lost. False when gone."""
-        return self._collection.find_one({"_id": receipt.doc_id}, {"_id": 1}) is not None
+        return self._collection.find_one({"_id": {"$eq": receipt.doc_id}}, {"_id": 1}) is not None
 
     def _lost_lease(self, delivery: Delivery) -> InvalidReceipt:
         return InvalidReceipt(
@@ -837,9 +1070,7 @@ class MongoDBBroker(BrokerBase):
         self._check_open()
         receipt = self._receipt(delivery)
         with self._driver("ack"):
-            result = self._collection.delete_one(
-                {"_id": receipt.doc_id, "lease_owner": receipt.token}
-            )
+            result = self._collection.delete_one(_guard(receipt))
             lost = result.deleted_count == 0 and self._lost(receipt)
         if lost and not self._was_settled(receipt):
             self._settle(receipt)
@@ -857,23 +1088,13 @@ class MongoDBBroker(BrokerBase):
         """
         self._check_open()
         receipt = self._receipt(delivery)
-        guard = {"_id": receipt.doc_id, "lease_owner": receipt.token}
+        guard = _guard(receipt)
         update: dict[str, Any]
         if requeue:
             update = {"$set": {"lease_owner": None, "lease_expires": _EPOCH}}
         else:
-            update = {
-                "$set": {
-                    "queue": self.dead_letter_queue(delivery.queue),
-                    "state": _READY,
-                    "lease_owner": None,
-                    "lease_expires": _EPOCH,
-                    "delivery_count": 0,
-                    "dead_from": delivery.queue,
-                    "dead_reason": str(reason),
-                    "dead_at": _now(),
-                }
-            }
+            fields = self._dead_fields(delivery.queue)
+            update = {"$set": {**fields, "dead_reason": clean_reason(reason)}}
         with self._driver("reject"):
             result = self._collection.update_one(guard, update)
             lost = result.matched_count == 0 and self._lost(receipt)
@@ -896,7 +1117,7 @@ class MongoDBBroker(BrokerBase):
             raise InvalidReceipt(f"delivery of {delivery.envelope.id!r} was already settled")
         with self._driver("extend"):
             result = self._collection.update_one(
-                {"_id": receipt.doc_id, "lease_owner": receipt.token},
+                _guard(receipt),
                 {"$set": {"lease_expires": _ceil_ms(_now() + timedelta(seconds=seconds))}},
             )
         if result.matched_count == 0:
@@ -976,7 +1197,7 @@ class MongoDBBroker(BrokerBase):
                 # (a new token) is left alone.
                 self._collection.update_many(
                     {
-                        "_id": {"$in": [doc_id for doc_id, _ in chunk]},
+                        "_id": {"$in": [_id_value(key) for key, _ in chunk]},
                         "lease_owner": {"$in": [token for _, token in chunk]},
                     },
                     {"$set": {"lease_owner": None, "lease_expires": _EPOCH}},

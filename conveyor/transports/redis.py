@@ -8,8 +8,19 @@ Capabilities:
     ``delayed_delivery`` (a sorted set per queue on the server's clock, promoted atomically
     when due; never held by a consumer), ``priority`` (kombu's priority lists; see
     "Priorities"), ``dead_letter`` (``reject(requeue=False)`` moves the message to the
-    ordinary queue ``<queue>.dead``), ``queue_size``, ``durable`` (as durable as the server's
-    persistence settings), ``cross_process``.
+    ordinary queue ``<queue>.dead``, the reason in the JSON header
+    ``x-conveyor-dead-letter-reason`` of the stored envelope), ``queue_size``, ``durable`` (as
+    durable as the server's persistence settings), ``cross_process``.
+
+Limits and bad input:
+    A delay is kept to the millisecond up to 2**52 ms (about 142,000 years: scores are doubles);
+    a longer one raises ``ConfigurationError`` at publish. A claimed envelope that cannot be
+    decoded (not JSON, ``Infinity`` for a priority, headers that are not an object or come
+    after another object, its own ``x-delivery-count`` header, ...) is never handed out: it is
+    replaced in ``<queue>.dead`` by a well-formed envelope of content type
+    ``application/x-conveyor-undecodable`` whose body is the original text and whose reason
+    header says what was wrong (``conveyor.transports._common``), in the same claim, and the
+    other messages of the claim are returned.
 
 URL:
     ``redis://[[user]:password@]host[:6379][/db]``, ``rediss://...`` (TLS;
@@ -108,10 +119,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
 import math
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -142,6 +155,17 @@ from conveyor.core.options import build_options
 from conveyor.core.serializers import kombu_json_load, kombu_json_text
 from conveyor.core.types import Delivery, Envelope
 from conveyor.core.urls import ParsedURL, mask_url, parse_url, scheme_of, split_alternates
+from conveyor.transports._common import (
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUFFIX,
+    EXACT_MS_MAX_DELAY,
+    UNDECODABLE_CONTENT_TYPE,
+    check_delay,
+    clean_reason,
+    clean_text,
+    undecodable_reason,
+)
 
 __all__ = [
     "DEAD_LETTER_REASON_HEADER",
@@ -156,13 +180,6 @@ __all__ = [
 
 log = logging.getLogger("conveyor.transports.redis")
 
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` (as for the other brokers).
-DEAD_LETTER_SUFFIX = ".dead"
-#: Header added to a dead-lettered message: the ``reason`` given to ``reject``.
-DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
-#: Header added to a dead-lettered message: the queue it was rejected from.
-DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
-
 _SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 _SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _MAX_MESSAGES = 1000
@@ -174,6 +191,9 @@ _KOMBU_MAX_PRIORITY = 9
 # Headers conveyor adds on redelivery; never part of the Envelope handed to a consumer.
 _REDELIVERED = "redelivered"
 _COUNT = "x-delivery-count"
+_AMBIGUOUS = b"conveyor-ambiguous-headers:"  # common.lua's AMBIGUOUS
+_COUNT_KEY = b'"x-delivery-count"'
+_DELAY_WHY = "due times are sorted-set scores in milliseconds, exact below 2**53"
 
 T = TypeVar("T")
 
@@ -545,21 +565,51 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     "Priorities"). The redelivery headers are removed from the envelope.
 
     Raises:
-        DecodeError: not JSON, not a map, or a body that is not valid base64.
+        DecodeError: whatever is wrong with it (never another exception): not JSON, not a map,
+            headers that are not a map or come after another object (the redelivery marks
+            could not be placed, so its deliveries could not be counted), a priority that is
+            not a number (``Infinity``), a body that is not valid base64, fields of the wrong
+            type.
     """
     try:
-        msg = _kombu_loads(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+        return _decode_envelope(raw)
+    except DecodeError:
+        raise
+    except Exception as exc:  # any shape of bad input is a DecodeError, never a crash
+        raise DecodeError(f"malformed kombu envelope: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8")
+    try:
+        msg = _kombu_loads(data)
     except Exception as exc:
+        if data.startswith(_AMBIGUOUS):  # the Lua scripts' mark (common.lua)
+            raise DecodeError("envelope has more than one headers member") from exc
         raise DecodeError(f"not a kombu JSON envelope: {exc}") from exc
     if not isinstance(msg, dict):
         raise DecodeError("a kombu envelope must be a JSON object")
-    props = msg.get("properties") or {}
-    headers = msg.get("headers") or {}
-    if not isinstance(props, dict) or not isinstance(headers, dict):
+    # The Lua scripts mark a redelivery inside the FIRST object member named "headers" in the
+    # text (common.lua); with only scalars before the top-level "headers", that is the
+    # top-level one. kombu always writes it so; anything else could never be counted.
+    for key, value in msg.items():
+        if key == "headers":
+            break
+        if isinstance(value, dict | list):
+            raise DecodeError(f"envelope member {key!r} comes before its headers")
+    headers = msg.get("headers")
+    props = msg.get("properties")
+    if props is None:
+        props = {}
+    if not isinstance(headers, dict) or not isinstance(props, dict):
         raise DecodeError("envelope headers and properties must be objects")
     headers = dict(headers)
     redelivered = bool(headers.pop(_REDELIVERED, False))
     prior = headers.pop(_COUNT, None)
+    if prior is not None and _key_marks(raw, _COUNT_KEY) != 1:
+        # A header of the sender's own under the name of the count would shadow conveyor's
+        # mark (JSON keeps the last duplicate) and freeze the count: never trust it.
+        raise DecodeError(f"envelope carries its own {_COUNT!r} header")
     info = props.get("delivery_info")
     if isinstance(info, dict) and info.get("redelivered"):
         redelivered = True
@@ -569,18 +619,28 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
             data = base64.b64decode(body, validate=True) if body else b""
         elif isinstance(body, bytes):
             data = body
+        elif isinstance(body, str):
+            data = body.encode("utf-8")
         else:
-            data = str(body).encode("utf-8")
+            raise TypeError(f"body is a JSON {type(body).__name__}")
     except (ValueError, TypeError) as exc:
-        raise DecodeError(f"envelope body is not valid base64: {exc}") from exc
+        raise DecodeError(f"envelope body is not valid: {exc}") from exc
+    raw_priority = props.get("priority")
     try:
-        kombu_priority = int(props.get("priority") or 0)
-    except (TypeError, ValueError):
-        kombu_priority = 0
+        kombu_priority = int(raw_priority) if raw_priority is not None else 0
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DecodeError(f"envelope priority {raw_priority!r:.40} is not an integer") from exc
     kombu_priority = min(max(kombu_priority, 0), _KOMBU_MAX_PRIORITY)
     correlation_id = props.get("correlation_id")
-    correlation_id = str(correlation_id) if correlation_id is not None else None
+    if correlation_id is not None and type(correlation_id) is not str:
+        correlation_id = _optional_text(props, "correlation_id")
     reply_to = props.get("reply_to")
+    if reply_to is not None and type(reply_to) is not str:
+        reply_to = _optional_text(props, "reply_to")
+    content_type = msg.get("content-type") or "application/data"
+    content_encoding = msg.get("content-encoding") or "binary"
+    if not isinstance(content_type, str) or not isinstance(content_encoding, str):
+        raise DecodeError("envelope content-type and content-encoding must be strings")
     message_id = props.get("message_id")
     env_id = (
         message_id
@@ -590,12 +650,12 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     envelope = Envelope(
         id=env_id,
         body=data,
-        content_type=str(msg.get("content-type") or "application/data"),
-        content_encoding=str(msg.get("content-encoding") or "binary"),
+        content_type=content_type,
+        content_encoding=content_encoding,
         headers=headers,
         priority=_KOMBU_MAX_PRIORITY - kombu_priority,
         correlation_id=correlation_id,
-        reply_to=str(reply_to) if reply_to is not None else None,
+        reply_to=reply_to,
     )
     if not redelivered:
         count: int | None = 1
@@ -604,6 +664,49 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope, bool, int | None]:
     else:
         count = None  # restored by kombu: it does not count
     return envelope, redelivered, count
+
+
+def _optional_text(props: Mapping[str, Any], key: str) -> str | None:
+    value = props.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a number some client wrote for an id: still one
+    raise DecodeError(f"envelope property {key!r} must be a string")
+
+
+def _key_marks(raw: bytes | str, key: bytes) -> int:
+    """How often ``key`` (a quoted JSON string) occurs as a member name: followed by a colon
+    (a string value never is, and a quote inside a string is escaped). Slow path only."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+    return len(re.findall(re.escape(key) + rb"[ \t\r\n]*:", data))
+
+
+def undecodable_stand_in(raw: bytes | str, queue: str, reason: str) -> str:
+    """The well-formed envelope dead-lettered in place of an undecodable one (``_common``):
+    its body is the original text, its id the original's where one can be read."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+    ident = ""
+    with contextlib.suppress(Exception):
+        msg = _kombu_loads(data)
+        if isinstance(msg, dict):
+            props, headers = msg.get("properties"), msg.get("headers")
+            for candidate in (
+                props.get("message_id") if isinstance(props, dict) else None,
+                headers.get("id") if isinstance(headers, dict) else None,
+                props.get("correlation_id") if isinstance(props, dict) else None,
+            ):
+                if isinstance(candidate, str) and candidate and len(candidate) <= 255:
+                    ident = candidate
+                    break
+    envelope = Envelope(
+        id=clean_text(ident, 255) if ident else hashlib.sha256(data).hexdigest()[:32],
+        body=data,
+        content_type=UNDECODABLE_CONTENT_TYPE,
+        content_encoding="binary",
+        headers={DEAD_LETTER_REASON_HEADER: reason, DEAD_LETTER_SOURCE_HEADER: queue},
+    )
+    return encode_envelope(envelope, queue + DEAD_LETTER_SUFFIX, _KOMBU_MAX_PRIORITY)
 
 
 # =============================================================================== broker
@@ -784,6 +887,7 @@ class RedisBroker(BrokerBase):
             return 0
         if not delay:
             return self._push(batch, queue)
+        check_delay(delay, EXACT_MS_MAX_DELAY, "the Redis broker", _DELAY_WHY)
         delay_ms = math.ceil(delay * 1000) + 1
         k = self._keys
         keys = [k.own(queue, "delayed"), k.own(queue, "wake"), k.own(queue, "consumers")]
@@ -908,15 +1012,16 @@ class RedisBroker(BrokerBase):
         reply = self._run("receive", self._cmd.run_script, self._scripts.claim, keys, args)
         hint = int(reply[0])
         deliveries: list[Delivery] = []
-        poison: dict[str, list[tuple[str, str]]] = {}
+        poison: list[tuple[str, str, Any, str]] = []
         for i in range(1, len(reply), 3):
             queue = names[int(reply[i])]
             lease = reply[i + 1].decode() if isinstance(reply[i + 1], bytes) else str(reply[i + 1])
             try:
                 envelope, redelivered, count = decode_envelope(reply[i + 2])
             except DecodeError as exc:
-                log.error("dead-lettering an undecodable message from %s: %s", queue, exc)
-                poison.setdefault(queue, []).append((lease, f"undecodable envelope: {exc}"))
+                reason = undecodable_reason(exc)
+                log.error("dead-lettering a message from %r: %s", queue, reason)
+                poison.append((queue, lease, reply[i + 2], reason))
                 continue
             deliveries.append(
                 Delivery(
@@ -930,10 +1035,28 @@ class RedisBroker(BrokerBase):
         with self._lock:
             for d in deliveries:
                 self._held[d.receipt.lease] = d.queue
-        for queue, items in poison.items():
-            for lease, reason in items:
-                self._settle(queue, [lease], "dead", reason)
+        for queue, lease, raw, reason in poison:
+            self._dead_letter_undecodable(queue, lease, raw, reason)
         return hint, deliveries
+
+    def _dead_letter_undecodable(self, queue: str, lease: str, raw: Any, reason: str) -> None:
+        """Replace a claimed undecodable envelope by its stand-in in ``<queue>.dead``.
+
+        Never raises: if the server fails now, the lease runs out and the next claim that
+        gets the message dead-letters it then (the good messages of this claim are kept)."""
+        try:
+            text = undecodable_stand_in(raw, queue, reason)
+            args = ["replace", text, str(_WAKE_TTL_MS), str(len(self._steps_argv))]
+            args += [*self._steps_argv, lease]
+            self._run(
+                "dead-letter", self._cmd.run_script, self._scripts.settle,
+                self._settle_keys(queue), args,
+            )  # fmt: skip
+        except Exception as exc:
+            log.warning(
+                "could not dead-letter an undecodable message from %r (it comes back when its "
+                "lease runs out): %s", queue, exc,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ settle
     def _receipt(self, delivery: Delivery) -> _Receipt:
@@ -1003,7 +1126,7 @@ class RedisBroker(BrokerBase):
         fragment = ""
         if mode == "dead":
             fragment = (
-                f"{json.dumps(DEAD_LETTER_REASON_HEADER)}: {json.dumps(reason)}, "
+                f"{json.dumps(DEAD_LETTER_REASON_HEADER)}: {json.dumps(clean_reason(reason))}, "
                 f"{json.dumps(DEAD_LETTER_SOURCE_HEADER)}: {json.dumps(queue)}"
             )
         args = [mode, fragment, str(_WAKE_TTL_MS), str(len(self._steps_argv)), *self._steps_argv]

@@ -6,8 +6,19 @@ Capabilities:
     ``delayed_delivery`` (a ``not_before`` column with an index: delayed messages stay in
     the table, never in worker memory), ``priority`` (0-9, higher first, FIFO within one
     priority), ``dead_letter`` (``reject(requeue=False)`` moves the row to the queue
-    ``<queue>.dead`` and records the reason), ``queue_size``, ``durable``,
+    ``<queue>.dead`` and records the reason in the column ``dead_reason``, delivered as the
+    header ``x-conveyor-dead-letter-reason``), ``queue_size``, ``durable``,
     ``cross_process`` (except SQLite ``:memory:``, which lives in one process; see below).
+
+Limits and bad input:
+    A delay is kept to the millisecond up to 2**52 ms (about 142,000 years: ``not_before`` is
+    a double); a longer one raises ``ConfigurationError`` at publish. A claimed row that cannot
+    become a delivery (headers that are not JSON or not a map, a priority or id of the wrong
+    type: rows written by something else) is never handed out and never left to come back: in
+    the claim's own batch it is moved to ``<queue>.dead`` with content type
+    ``application/x-conveyor-undecodable``, its body kept, its original fields in the header
+    ``x-conveyor-original`` and the reason recorded (``conveyor.transports._common``); the
+    other rows of the claim are returned.
 
 URL:
     ``sqla+<SQLAlchemy URL>`` or ``sqlalchemy+<SQLAlchemy URL>``, as in kombu:
@@ -66,6 +77,7 @@ How it works (``docs/backends/sql.md`` has the full table layout):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -96,11 +108,24 @@ from conveyor.core.capabilities import Capability
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
+    DecodeError,
     EncodeError,
     InvalidReceipt,
 )
 from conveyor.core.options import build_options
 from conveyor.core.types import Delivery, Envelope
+from conveyor.transports._common import (
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUFFIX,
+    EXACT_MS_MAX_DELAY,
+    ORIGINAL_HEADER,
+    UNDECODABLE_CONTENT_TYPE,
+    check_delay,
+    clamp_priority,
+    clean_reason,
+    undecodable_reason,
+)
 
 __all__ = [
     "DEAD_LETTER_REASON_HEADER",
@@ -111,13 +136,6 @@ __all__ = [
     "message_table",
 ]
 
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` (as for the memory broker).
-DEAD_LETTER_SUFFIX = ".dead"
-#: Header added on delivery from a dead-letter queue: the ``reason`` given to ``reject``.
-DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
-#: Header added on delivery from a dead-letter queue: the queue it was rejected from.
-DEAD_LETTER_SOURCE_HEADER = "x-conveyor-dead-letter-queue"
-
 log = logging.getLogger("conveyor.transports.sqlalchemy")
 
 _SCHEMES = ("sqla", "sqlalchemy")
@@ -126,6 +144,7 @@ _PROMOTE_BATCH = 1000
 _PURGE_BATCH = 1000
 _SETTLED_MEMORY = 10_000  # receipts remembered so a second ack/reject is a no-op
 _MAX_MESSAGES = 1000
+_DELAY_WHY = "not_before is a double of epoch seconds, exact to the millisecond below that"
 
 
 @dataclass(frozen=True)
@@ -308,6 +327,18 @@ _INSERTED = (
     "reply_to",
 )
 
+# Columns an undecodable row's stand-in replaces (the body only when it is not binary).
+_STAND_IN = (
+    "body",
+    "envelope_id",
+    "content_type",
+    "content_encoding",
+    "headers",
+    "priority",
+    "correlation_id",
+    "reply_to",
+)
+
 _COLUMNS = (
     "id",
     "queue",
@@ -483,6 +514,21 @@ class SQLAlchemyBroker(BrokerBase):
                 dead_at=now,
             )
         )
+        self._sql_dead_raw = (
+            sa.update(t)
+            .where(guard)
+            .values(
+                queue=sa.bindparam("dead_queue"),
+                lease_owner=None,
+                lease_expires=0.0,
+                delayed=False,
+                delivery_count=0,
+                dead_from=sa.bindparam("dead_from"),
+                dead_reason=sa.bindparam("dead_reason"),
+                dead_at=now,
+                **{c: sa.bindparam(f"raw_{c}", type_=t.c[c].type) for c in _STAND_IN},
+            )
+        )
         self._sql_extend = (
             sa.update(t)
             .where(guard)
@@ -617,6 +663,7 @@ class SQLAlchemyBroker(BrokerBase):
         }
 
     def _insert(self, envelopes: Sequence[Envelope], queue: str, delay: float | None) -> None:
+        check_delay(delay, EXACT_MS_MAX_DELAY, "the SQL broker", _DELAY_WHY)
         seconds = float(delay or 0.0)
         rows = [self._row(e, queue, seconds) for e in envelopes]
 
@@ -774,23 +821,63 @@ class SQLAlchemyBroker(BrokerBase):
         if not rows:
             return []
         rank = {q: i for i, q in enumerate(names)}
-        rows.sort(key=lambda r: (-r.priority, rank.get(r.queue, 0), r.id))
-        deliveries = [self._delivery(r, token) for r in rows]
-        self._leases.hold((r.id, token) for r in rows)
+        # A foreign row may hold anything (SQLite keeps any type in any column): sort safely.
+        rows.sort(key=lambda r: (-_int_or_0(r.priority), rank.get(r.queue, 0), r.id))
+        deliveries: list[Delivery] = []
+        bad: list[tuple[Any, str]] = []
+        for row in rows:
+            try:
+                deliveries.append(self._delivery(row, token))
+            except Exception as exc:  # any shape of bad row: dead-letter it, never raise
+                bad.append((row, undecodable_reason(exc)))
+        self._leases.hold((d.receipt.row_id, token) for d in deliveries)
+        for row, reason in bad:
+            self._dead_letter_undecodable(row, token, reason)
         return deliveries
 
+    def _dead_letter_undecodable(self, row: Any, token: str, reason: str) -> None:
+        """Move a claimed row that is not a message to ``<queue>.dead`` as a readable
+        stand-in (its body kept). Never raises: on a database error the lease runs out and
+        the next claim of the row tries again."""
+        receipt = _Receipt(int(row.id), token)
+        try:
+            source = str(row.queue)
+            log.error("dead-lettering a row of %r (id %s): %s", source, row.id, reason)
+            dead = self.dead_letter_queue(source)
+            if len(dead) > _QUEUE_COLUMN_LENGTH:
+                log.error("%r is too long a queue name: the row is dropped instead", dead)
+                self._guarded(self._sql_ack, receipt, "drop an undecodable row")
+            else:
+                self._guarded(
+                    self._sql_dead_raw, receipt, "dead-letter", dead_queue=dead,
+                    dead_from=source, dead_reason=reason, **_stand_in_fields(row),
+                )  # fmt: skip
+        except Exception as exc:
+            log.warning("could not dead-letter row %s (it comes back later): %s", row.id, exc)
+        self._settle(receipt)
+
     def _delivery(self, row: Any, token: str) -> Delivery:
-        headers = json.loads(row.headers)
+        headers = json.loads(row.headers) if isinstance(row.headers, str) else None
+        if not isinstance(headers, dict):
+            raise DecodeError(f"row headers are not a JSON object: {row.headers!r:.100}")
         if row.dead_from is not None:
-            headers[DEAD_LETTER_REASON_HEADER] = row.dead_reason or ""
+            headers[DEAD_LETTER_REASON_HEADER] = str(row.dead_reason or "")
             headers[DEAD_LETTER_SOURCE_HEADER] = row.dead_from
+        for name in ("envelope_id", "content_type", "content_encoding"):
+            if not isinstance(getattr(row, name), str):
+                raise DecodeError(f"row column {name} is not text")
+        for name in ("correlation_id", "reply_to"):
+            if not isinstance(getattr(row, name), str | None):
+                raise DecodeError(f"row column {name} is not text")
+        if not isinstance(row.body, bytes | bytearray | memoryview):
+            raise DecodeError("row column body is not binary")
         envelope = Envelope(
             id=row.envelope_id,
             body=bytes(row.body),
             content_type=row.content_type,
             content_encoding=row.content_encoding,
             headers=headers,
-            priority=row.priority,
+            priority=clamp_priority(row.priority),
             correlation_id=row.correlation_id,
             reply_to=row.reply_to,
         )
@@ -877,7 +964,7 @@ class SQLAlchemyBroker(BrokerBase):
                 "reject",
                 dead_queue=dead,
                 dead_from=delivery.queue,
-                dead_reason=reason,
+                dead_reason=clean_reason(reason),
             )
         if lost:
             self._lost_lease(delivery, receipt)
@@ -1090,6 +1177,42 @@ def _check_queue(name: str) -> None:
     if base != name and len(name) > _QUEUE_COLUMN_LENGTH:
         raise ConfigurationError(f"queue name longer than {_QUEUE_COLUMN_LENGTH} characters")
     validate_queue_name(base if base != name else name)
+
+
+def _stand_in_fields(row: Any) -> dict[str, Any]:
+    """The columns that make an undecodable row a readable stand-in (``_common``)."""
+    original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN if c != "body"}
+    body = row.body
+    if not isinstance(body, bytes | bytearray | memoryview):
+        body = str(_plain_column(body)).encode("utf-8", "backslashreplace")
+    ident = original["envelope_id"]
+    if not (isinstance(ident, str) and len(ident) <= 255):
+        ident = hashlib.sha256(repr(original).encode()).hexdigest()[:32]
+    return {
+        "raw_body": bytes(body),
+        "raw_envelope_id": ident,
+        "raw_content_type": UNDECODABLE_CONTENT_TYPE,
+        "raw_content_encoding": "binary",
+        "raw_headers": json.dumps({ORIGINAL_HEADER: original}, separators=(",", ":")),
+        "raw_priority": 0,
+        "raw_correlation_id": None,
+        "raw_reply_to": None,
+    }
+
+
+def _int_or_0(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _plain_column(value: Any) -> Any:
+    """A column value as JSON can hold it (for the stand-in's ``x-conveyor-original``)."""
+    if value is None or (isinstance(value, str | int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return repr(value)
 
 
 class _Bumped:

@@ -11,12 +11,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Index of the '{' that opens object `name` (first occurrence), or nil.
+-- Index of the '{' that opens object `name`: the first key `name` (any JSON whitespace around
+-- the colon) whose value is an object, or nil. The client refuses envelopes in which this first
+-- match is not the top-level member (decode_envelope in redis.py), so the marks always land in
+-- the top-level "headers". `name` holds no pattern magic characters ("headers", "delivery_info").
 local function object_start(e, name)
-  local _, f = string.find(e, '"' .. name .. '": {', 1, true)
-  if not f then
-    _, f = string.find(e, '"' .. name .. '":{', 1, true)
-  end
+  local _, f = string.find(e, '"' .. name .. '"%s*:%s*{')
   return f
 end
 
@@ -53,10 +53,19 @@ local function strip_mark(e)
   return string.sub(e, 1, brace) .. rest, tonumber(n)
 end
 
+-- Prefix of an envelope with a second "headers" member after the one the marks go into: a
+-- JSON reader keeps the LAST one, so the marks would never be seen and the message would come
+-- back uncounted forever. The prefix makes it undecodable: the client dead-letters it.
+local AMBIGUOUS = 'conveyor-ambiguous-headers:'
+
 -- Mark `e` as delivered once more and not settled: kombu's headers.redelivered and
 -- properties.delivery_info.redelivered (what a Celery worker reads), plus
 -- headers["x-delivery-count"] = deliveries so far (RabbitMQ's quorum-queue header name).
 local function mark_redelivered(e)
+  local first = object_start(e, 'headers')
+  if first and string.find(e, '"headers"%s*:', first + 1) then
+    return AMBIGUOUS .. e
+  end
   local stripped, n = strip_mark(e)
   local out = insert_first(stripped, 'headers',
     '"redelivered": true, "x-delivery-count": ' .. tostring((n or 0) + 1))

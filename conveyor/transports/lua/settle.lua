@@ -1,12 +1,14 @@
 -- settle.lua: give held leases back: requeue (back of the queue, marked redelivered, as
 -- kombu's reject(requeue=True)), release (front of the queue, marked redelivered, as
--- kombu's restore on close), or dead-letter (into the dead-letter queue, unmarked, with the
--- reason headers inserted).
+-- kombu's restore on close), dead-letter (into the dead-letter queue, unmarked, with the
+-- reason headers inserted), or replace (dead-letter ARGV[2] instead of the held envelope: the
+-- client's well-formed stand-in for an envelope it could not decode).
 -- KEYS[1] leases hash, KEYS[2] deadlines zset, KEYS[3] wake list,
 -- KEYS[4] wake list of the dead-letter queue,
 -- KEYS[5..4+S] ready lists of the queue, KEYS[5+S..4+2S] ready lists of the dead-letter queue
--- ARGV[1] mode: "requeue" | "release" | "dead"
--- ARGV[2] for "dead": JSON members to insert first in "headers" (reason, source queue)
+-- ARGV[1] mode: "requeue" | "release" | "dead" | "replace"
+-- ARGV[2] for "dead": JSON members to insert first in "headers" (reason, source queue);
+--         for "replace": the envelope to push (conveyor priority 0: the last ready list)
 -- ARGV[3] wake list TTL in ms
 -- ARGV[4] S; ARGV[5..4+S] the priority steps, ascending
 -- ARGV[5+S..] lease ids
@@ -29,6 +31,8 @@ for i = 5 + S, #ARGV do
     if mode == 'dead' then
       local clean = strip_info_mark((strip_mark(e)))
       redis.call('LPUSH', KEYS[4 + S + pos], insert_first(clean, 'headers', ARGV[2]))
+    elseif mode == 'replace' then
+      redis.call('LPUSH', KEYS[4 + 2 * S], ARGV[2])
     elseif mode == 'release' then
       redis.call('RPUSH', KEYS[4 + pos], mark_redelivered(e))
     else
@@ -38,7 +42,7 @@ for i = 5 + S, #ARGV do
   end
 end
 if n > 0 then
-  if mode == 'dead' then
+  if mode == 'dead' or mode == 'replace' then
     wake(KEYS[4], math.min(n, 64), tonumber(ARGV[3]))
   else
     wake(KEYS[3], math.min(n, 64), tonumber(ARGV[3]))
