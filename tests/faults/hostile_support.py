@@ -301,6 +301,12 @@ def register(app: App, runs: Runs) -> dict[str, Any]:
         runs.mark(self.request.id)
         return Explosive()
 
+    @task("huge")
+    def huge(self: Any, mib: float) -> str:
+        """Returns ``mib`` MiB of text: more than some result stores take in one value."""
+        runs.mark(self.request.id)
+        return "x" * int(mib * (1 << 20))
+
     @task("opaque")
     def opaque(self: Any) -> Opaque:
         runs.mark(self.request.id)
@@ -630,7 +636,7 @@ class Planter:
                 object.__setattr__(envelope, key, value)
             self.app.broker.publish(envelope, queue=queue)
 
-    def plant_envelope(self, queue: str, envelope: Any) -> None:
+    def plant_envelope(self, queue: str, envelope: Any, **overrides: Any) -> None:
         """Write a well-formed message the way a foreign JSON writer would: headers as
         ASCII-escaped JSON text (so a lone surrogate travels as ``\\ud800``), ids that the
         column cannot hold replaced. SQL and MongoDB brokers only."""
@@ -650,6 +656,7 @@ class Planter:
             "content_encoding": envelope.content_encoding,
             "correlation_id": text(envelope.correlation_id),
         }
+        fields.update(overrides)
         safe_id = text(envelope.id) or unique_name("planted")
         if self.where.broker_name == "mongodb":
             self._mongo_insert(queue, safe_id, fields)

@@ -307,6 +307,64 @@ def test_etas_no_broker_can_hold_never_loop_and_never_run_early(
     )  # fmt: skip
 
 
+COUNT_OVERFLOW = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bug: a planted row/document whose delivery_count is at its column's maximum makes "
+        "every claim of its queue fail: the claim's delivery_count + 1 overflows (PostgreSQL "
+        "'integer out of range', MariaDB 1264 'Out of range value', MongoDB $inc on 2**63-1 "
+        "'Plan executor error'), the error is an OperationalError, receive raises it for ever "
+        "and no good message of the queue is delivered again (the claim in "
+        "conveyor/transports/sqlalchemy.py and conveyor/transports/mongodb.py; MongoDB already "
+        "dead-letters a delivery_count that is not a number, not one that cannot grow)"
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("broker", "count"),
+    [
+        pytest.param("sqlite", 2**63 - 1, id="sqlite-2^63-1"),
+        pytest.param("postgres", 2**31 - 1, id="postgres-2^31-1", marks=COUNT_OVERFLOW),
+        pytest.param("mysql", 2**31 - 1, id="mysql-2^31-1", marks=COUNT_OVERFLOW),
+        pytest.param("mongodb", 2**31 - 1, id="mongodb-2^31-1"),
+        pytest.param("mongodb", 2**63 - 1, id="mongodb-2^63-1", marks=COUNT_OVERFLOW),
+    ],
+)
+def test_a_row_whose_delivery_count_cannot_grow_never_blocks_its_queue(
+    broker: str, count: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Class 2: the message is refused (its count is past worker_max_deliveries) and the
+    good ones around it run."""
+    where = place(broker, tmp_path)
+    runs = Runs(tmp_path / "runs")
+    queue = unique_name(f"maxcount-{broker}")
+    app, tasks = hostile_app(where, runs, task_default_queue=queue)
+    planter = Planter(where, app)
+    try:
+        app.broker.declare_queue(queue)
+        good = [tasks["count"].apply_async((0,))]
+        stuck = unique_name("stuck")
+        planter.plant_envelope(queue, celery_envelope("h.count", stuck), delivery_count=count)
+        good.append(tasks["count"].apply_async((1,)))
+        caplog.set_level(logging.ERROR, logger="conveyor.worker")
+        with running(app, queues=[queue]) as (_, thread):
+
+            def over() -> bool:  # done, or the claim keeps failing (no need to wait longer)
+                failed = sum("receive failed" in r.getMessage() for r in caplog.records)
+                return all(r.ready() for r in good) or failed >= 3
+
+            eventually(over, 30, message="the good messages ran")
+            assert [r.get(timeout=1) for r in good] == [0, 1]
+            eventually(lambda: settled(app, queue)[0] == 0, 30, message="nothing left")
+            assert thread.is_alive()
+        assert runs.count(stuck) == 0  # delivered past worker_max_deliveries: refused
+    finally:
+        planter.close()
+        app.close()
+        cleanup(where, queue)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason=(

@@ -135,3 +135,59 @@ def test_tasks_that_attack_their_worker_fail_once_and_the_worker_serves_on(
         good=len(good) + 1, executions=executions, crashes=(1 + MAX_DELIVERIES) if once else 0,
         duplicated=extra, lost=0, seconds=round(time.monotonic() - started, 1),
     )  # fmt: skip
+
+
+NEGATIVE_COUNT = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bug: the SQL and MongoDB brokers hand out a row's/document's delivery_count as it is "
+        "stored (SQLAlchemyBroker._delivery: count = int(row.delivery_count); MongoDBBroker: "
+        "doc['delivery_count']), and Worker._precheck trusts any count a broker gives: a "
+        "message planted with delivery_count = -1,000,000 that kills its worker every time is "
+        "delivered a million times instead of worker_max_deliveries (Redis refuses a sender's "
+        "own count header; a count below 0 should be refused or clamped to 0 the same way)"
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        pytest.param("sqlite", marks=NEGATIVE_COUNT),
+        pytest.param("postgres", marks=NEGATIVE_COUNT),
+        pytest.param("mysql", marks=NEGATIVE_COUNT),
+        pytest.param("mongodb", marks=NEGATIVE_COUNT),
+    ],
+)
+def test_a_planted_negative_delivery_count_does_not_lift_worker_max_deliveries(
+    broker: str, tmp_path: Path
+) -> None:
+    from hostile_support import Planter, celery_envelope, running
+
+    where = place(broker, tmp_path)
+    runs = Runs(tmp_path / "runs")
+    queue = unique_name(f"negcount-{broker}")
+    app, _ = hostile_app(
+        where, runs, task_default_queue=queue, worker_max_deliveries=MAX_DELIVERIES
+    )
+    poison_id = unique_name("poison")
+    planter = Planter(where, app)
+    try:
+        app.broker.declare_queue(queue)
+        planter.plant_envelope(
+            queue, celery_envelope("h.die", poison_id), delivery_count=-1_000_000
+        )
+        with running(app, queues=[queue], pool="prefork", concurrency=1) as (_, thread):
+
+            def over() -> bool:
+                state = app.AsyncResult(poison_id).state
+                return state == "FAILURE" or runs.count(poison_id) > MAX_DELIVERIES + 2
+
+            eventually(over, 60, message="the poison message dead-lettered")
+            assert thread.is_alive()
+        executions = runs.count(poison_id)
+        assert executions <= MAX_DELIVERIES, f"a poison message ran {executions} times"
+    finally:
+        planter.close()
+        app.close()
+        cleanup(where, queue)

@@ -198,3 +198,60 @@ def test_a_stored_result_is_what_the_attack_checks_against() -> None:
     a = ResultRecord(task_id="t", state=State.SUCCESS, result="mine")
     b = dataclasses.replace(a, state=State.FAILURE, result={"exc_type": "X"})
     assert (a.state, a.result) != (b.state, b.result)
+
+
+#: Per backend: ids a Celery client can send that this result store refuses.
+STORE_REFUSES = {
+    "memory": ["nul\x00{u}", "\ud800{u}", "m" * 1100 + "{u}"],
+    "sqlite": ["x" * 200 + "{u}", "nul\x00{u}"],
+    "postgres": ["x" * 200 + "{u}", "nul\x00{u}"],
+    "mysql": ["x" * 200 + "{u}", "\ud800{u}"],
+    "redis": ["z" * 1100 + "{u}", "\ud800{u}"],
+    "rpc": ["r" * 300 + "{u}", "nul\x00{u}"],
+    "mongodb": ["z" * 1100 + "{u}", "nul\x00{u}"],
+    "memcached": ["a space {u}", "ctrl\x01{u}", "non-ascii-\u00e9{u}", "m" * 240 + "{u}"],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ids_the_result_store_refuses_run_once_and_never_loop(backend: str, tmp_path: Path) -> None:
+    """Class 1 on every result backend: a Celery client's task id this store cannot hold
+    runs once; the worker says it cannot store the result and acks."""
+    where = backend_place(backend, tmp_path)
+    runs = Runs(tmp_path / "runs")
+    queue = unique_name("q1")
+    app, tasks = hostile_app(where, runs, task_default_queue=queue)
+    odd_ids = [template.format(u=unique_name("")) for template in STORE_REFUSES[backend]]
+    sent = []
+    with server_lock(where):
+        try:
+            app.broker.declare_queue(queue)
+            for odd in odd_ids:
+                with pytest.raises(ConveyorError):
+                    app.backend.validate_task_id(odd)  # refused, so nothing can be stored
+                envelope = celery_envelope("h.count", odd, args=(1,))
+                envelope = dataclasses.replace(envelope, reply_to=app.oid, correlation_id=None)
+                try:
+                    app.broker.publish(envelope, queue=queue)
+                except ConveyorError as exc:  # RabbitMQ cannot carry a lone surrogate
+                    assert "utf-8" in str(exc).lower(), exc  # noqa: PT017
+                    continue
+                sent.append(odd)
+            after = tasks["count"].apply_async((2,))
+            with running(app, queues=[queue]) as (worker, thread):
+                assert after.get(timeout=60) == 2
+                eventually(
+                    lambda: worker.stats["unstorable_results"] == len(sent), 60,
+                    message="every odd id ran and was settled without a result",
+                )  # fmt: skip
+                assert tasks["count"].apply_async((3,)).get(timeout=60) == 3
+                assert thread.is_alive()
+            assert [runs.count(odd) for odd in sent] == [1] * len(sent)
+            assert settled(app, queue) == (0, 0)
+        finally:
+            app.close()
+            cleanup(where, queue)
+    figures(
+        "1-ids-the-store-refuses", backend, bad_inputs=len(odd_ids), sent=len(sent),
+        executions=sum(runs.count(o) for o in sent), duplicated=0, lost=0,
+    )  # fmt: skip
