@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.core.capabilities import Capability
+from conveyor.core.compression import normalize_accept_compression
 from conveyor.core.errors import (
     ConveyorError,
     InvalidReceipt,
@@ -139,6 +140,9 @@ class Worker:
         self.shutdown_timeout = float(conf.worker_shutdown_timeout)
         accept = conf.accept_content
         self.accept = tuple([accept] if isinstance(accept, str) else accept)
+        # Normalized once here: every decode checks a compressed body against this set and
+        # stops decompressing at max_message_size (a bomb never inflates past it).
+        self.accept_compression = normalize_accept_compression(conf.accept_compression)
         self.result_ttl = conf.result_expires
         # security_key set: refuse unsigned or badly signed deliveries before decoding them.
         self.signer = signer_from_config(conf.security_key)
@@ -304,7 +308,14 @@ class Worker:
         elif self.pool == "prefork":
             ctx = multiprocessing.get_context("fork")
             for i in range(self.concurrency):
-                child = Child(self.app, ctx, i, self.accept)
+                child = Child(
+                    self.app,
+                    ctx,
+                    i,
+                    self.accept,
+                    max_size=self.max_message_size,
+                    accept_compression=self.accept_compression,
+                )
                 self._children.append(child)
                 runners.append(functools.partial(_run_in_child, child))
         for i, runner in enumerate(runners):
@@ -593,7 +604,13 @@ class Worker:
 
     def _run_here(self, delivery: Delivery, request: Request, task: Task) -> Outcome:
         outcome = execute(
-            self.app, delivery.envelope, request, accept=self.accept, timer=self._timer
+            self.app,
+            delivery.envelope,
+            request,
+            accept=self.accept,
+            max_size=self.max_message_size,
+            accept_compression=self.accept_compression,
+            timer=self._timer,
         )
         if request.timelimit[0] is not None and not self._hard_limit_warned:
             self._warn_hard_limit()  # a per-message limit, unknown at start
@@ -625,7 +642,11 @@ class Worker:
             request = Request(id="", task="", delivery_info={"routing_key": delivery.queue})
         request.hostname = self.hostname
         peeked = inspect_envelope(
-            env, max_size=self.max_message_size, signer=self.signer, accept=self.accept
+            env,
+            max_size=self.max_message_size,
+            signer=self.signer,
+            accept=self.accept,
+            accept_compression=self.accept_compression,
         )
         if isinstance(peeked, str):
             # No result: the id a refused message claims may not be its sender's to write.
