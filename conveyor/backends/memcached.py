@@ -19,6 +19,8 @@ URL:
 Options (keyword > URL query > default; :class:`MemcachedResultBackendOptions`):
     ``default_ttl`` (86400.0: Celery's ``result_expires``), ``serializer`` (``json``),
     ``accept`` (serializers ``fetch`` decodes; default: the serializer alone),
+    ``accept_compression`` (methods a Celery 5.7 compressed payload may use; default: every
+    built-in one; decompression stops at 64 MiB),
     ``global_keyprefix`` (Celery's ``result_backend_transport_options['global_keyprefix']``,
     with Celery's rule: an ``_`` is appended unless it ends in ``:``, ``_``, ``-`` or ``.``),
     ``connect_timeout`` (5.0) and ``timeout`` (5.0: each socket operation), ``max_pool_size``
@@ -95,7 +97,18 @@ from pymemcache.exceptions import (
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
-from conveyor.core.celery import decode_meta, encode_meta, group_from_meta, group_meta
+from conveyor.core.celery import (
+    decode_meta,
+    decode_payload,
+    encode_meta,
+    group_from_meta,
+    group_meta,
+)
+from conveyor.core.compression import (
+    BUILTIN_METHODS,
+    DEFAULT_MAX_SIZE,
+    normalize_accept_compression,
+)
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -225,6 +238,8 @@ class MemcachedResultBackendOptions:
             ``None``/0: no expiry (memcached may still evict); explicit configuration only.
         serializer: result serializer name (Celery's ``result_serializer``).
         accept: serializers ``fetch`` may decode; empty means ``(serializer,)``.
+        accept_compression: compression methods a Celery 5.7 compressed payload may use
+            when read (the app's ``accept_compression``); None or empty: none.
         global_keyprefix: prefix of every key (Celery's rule, see the module docstring).
         connect_timeout: seconds to connect to a server.
         timeout: seconds for each socket read or write.
@@ -235,6 +250,7 @@ class MemcachedResultBackendOptions:
     default_ttl: float | None = DEFAULT_RESULT_TTL
     serializer: str = "json"
     accept: tuple[str, ...] = ()
+    accept_compression: tuple[str, ...] | None = BUILTIN_METHODS
     global_keyprefix: str = ""
     connect_timeout: float = 5.0
     timeout: float = 5.0
@@ -310,6 +326,9 @@ class MemcachedResultBackend(ResultBackendBase):
         }
     )
 
+    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
+    reads_compressed_results: ClassVar[bool] = True
+
     def __init__(
         self,
         servers: Sequence[tuple[str, int]],
@@ -328,6 +347,7 @@ class MemcachedResultBackend(ResultBackendBase):
         self._serializers = serializers or default_serializers
         self._serializer = self._serializers.get(opts.serializer)
         self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        self._accept_compression = normalize_accept_compression(opts.accept_compression)
         prefix = _celery_prefix(opts.global_keyprefix)
         self._task_prefix = prefix + _TASK_PREFIX
         self._group_prefix = prefix + _GROUP_PREFIX
@@ -422,11 +442,24 @@ class MemcachedResultBackend(ResultBackendBase):
             accept=self._accept,
             serializers=self._serializers,
             task_id=task_id,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
+        )
+
+    def _decode_value(self, raw: bytes) -> Any:
+        """A stored payload's value (a Celery 5.7 compressed one too), bounded."""
+        return decode_payload(
+            raw,
+            self._serializer.content_type,
+            accept=self._accept,
+            serializers=self._serializers,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
         )
 
     def _is_success(self, raw: bytes) -> bool:
         try:
-            meta = self._serializers.decode(raw, self._serializer.content_type, accept=self._accept)
+            meta = self._decode_value(raw)
         except ConveyorError:
             return False  # unreadable: not a SUCCESS we must keep
         return isinstance(meta, Mapping) and meta.get("status") == _SUCCESS
@@ -531,8 +564,7 @@ class MemcachedResultBackend(ResultBackendBase):
             raw = self._client.get(key)
         if raw is None:
             return None
-        meta = self._serializers.decode(raw, self._serializer.content_type, accept=self._accept)
-        return group_from_meta(meta, group_id)
+        return group_from_meta(self._decode_value(raw), group_id)
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
