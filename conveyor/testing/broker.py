@@ -833,6 +833,29 @@ class BrokerConformance:
                 broker.publish(_env(priority=priority), queue=queue)
         self._assert_empty(broker, queue)
 
+    def test_an_envelope_id_that_is_not_a_string_is_refused_at_publish(
+        self, broker: Any, queue: str
+    ) -> None:
+        """Ids are data, never queries: a dict id would be an operator to a document store."""
+        for bad in (123, b"bytes", {"$ne": None}, None):
+            with pytest.raises(ConfigurationError):
+                broker.publish(_env(id=bad), queue=queue)
+            with pytest.raises(ConfigurationError):
+                broker.publish_many([_env(id=bad)], queue=queue)
+        self._assert_empty(broker, queue)
+
+    def test_a_delay_that_is_not_a_finite_non_negative_number_is_refused_at_publish(
+        self, broker: Any, queue: str
+    ) -> None:
+        """Whether or not ``delayed_delivery`` is declared: such a delay is a mistake, never
+        a message to hold for ever (or to loop on)."""
+        for bad in (float("inf"), float("nan"), -1.0, float("-inf"), True, "10"):
+            with pytest.raises(ConfigurationError):
+                broker.publish(_env(), queue=queue, delay=bad)
+            with pytest.raises(ConfigurationError):
+                broker.publish_many([_env()], queue=queue, delay=bad)
+        self._assert_empty(broker, queue)
+
     # ================================================================== delayed delivery
     @requires(DELAYED)
     def test_delayed_message_is_hidden_until_due_then_delivered(

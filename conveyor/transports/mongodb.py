@@ -665,8 +665,6 @@ class MongoDBBroker(BrokerBase):
             ) from exc
         if not isinstance(envelope.body, bytes | bytearray | memoryview):
             raise EncodeError(f"body of {envelope.id!r} must be bytes")
-        if not isinstance(envelope.id, str):
-            raise ConfigurationError(f"an envelope id must be a string, got {envelope.id!r:.80}")
         now = _now()
         due = now
         if delay is not None and delay > 0:

@@ -8,8 +8,6 @@ input is what ``publish`` refuses (tests/unit/test_memory_transport.py covers pr
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from conveyor.core.errors import ConfigurationError, DecodeError
@@ -75,7 +73,7 @@ def test_undecodable_reasons_say_what_was_wrong() -> None:
     )
 
 
-@pytest.mark.parametrize("delay", [math.inf, EXACT_MS_MAX_DELAY * 2, 1e308])
+@pytest.mark.parametrize("delay", [EXACT_MS_MAX_DELAY * 2, 1e308])
 def test_a_delay_the_memory_broker_cannot_hold_is_refused(delay: float) -> None:
     broker = MemoryBroker()
     with pytest.raises(ConfigurationError, match="longer than the memory broker can hold"):
