@@ -226,14 +226,6 @@ _MEMCACHED_LEAK = pytest.mark.xfail(
 )
 
 
-_SQL_LEAK = pytest.mark.xfail(
-    importlib.util.find_spec("sqlalchemy") is not None,
-    reason="conveyor/_sql.py puts SQLAlchemy's error text, which shows query values, in its "
-    "'cannot build an engine' error unmasked (reported to its owner, issue 13)",
-    strict=True,
-)
-
-
 def _known_leak(kind: Any, scheme: str) -> Any:
     table = default_registry._tables[kind]
     entry = table.get(scheme) or table[scheme.split("+")[0]]
@@ -241,8 +233,6 @@ def _known_leak(kind: Any, scheme: str) -> Any:
         return ()
     if kind == "result_backend" and "memcached" in scheme:
         return _MEMCACHED_LEAK
-    if scheme.split("+")[0] in ("sqla", "sqlalchemy", "db", "database"):
-        return _SQL_LEAK
     return ()
 
 
