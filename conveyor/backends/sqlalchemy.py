@@ -362,6 +362,14 @@ class SQLAlchemyResultBackend(ResultBackendBase):
                 engine=engine,
             )
         self._db = _database
+        if self._db.memory:
+            # SQLite :memory: lives in this process (see the SQL broker): the instance's
+            # capabilities say so; the class keeps what the other databases give.
+            object.__setattr__(
+                self,
+                "capabilities",
+                type(self).capabilities - {Capability.DURABLE, Capability.CROSS_PROCESS},
+            )
         self.url = _url or f"db+{self._db.engine.url.render_as_string(hide_password=True)}"
         self.default_ttl = opts.default_ttl if opts.default_ttl else None
         self._serializers = serializers or default_serializers
