@@ -58,11 +58,12 @@ Ids:
     keys are binary-safe: spaces, control characters and any Unicode are fine).
 
 Errors:
-    Connection failures and timeouts are :class:`~conveyor.core.errors.OperationalError`
+    Connection failures, timeouts and the transient error replies (``LOADING``, ``BUSY``,
+    ``OOM``, a failover...) are :class:`~conveyor.core.errors.OperationalError`
     (``redis_errors``). Replies that no retry can change are not: a key holding another type
-    (``WRONGTYPE``) or a counter out of range raises ``ConfigurationError`` on writes and
-    ``DecodeError`` on reads; redis-py refusing an argument (``DataError``) raises
-    ``ConfigurationError``.
+    (``WRONGTYPE``), a counter out of range or any other ``ERR`` reply raises
+    ``ConfigurationError`` on writes and ``DecodeError`` on reads; redis-py refusing an
+    argument (``DataError``) raises ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ from conveyor.core.compression import (
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
-    ConveyorError,
     DecodeError,
     SerializationError,
 )
@@ -120,8 +120,6 @@ TASK_KEY = "celery-task-meta-"
 GROUP_KEY = "celery-taskset-meta-"
 _FETCH_CHUNK = 1000
 _UTC = timezone.utc
-#: Error replies that say the request itself is wrong: retrying cannot change them.
-_REFUSALS = ("WRONGTYPE", "not an integer or out of range", "would overflow")
 
 T = TypeVar("T")
 
@@ -340,16 +338,8 @@ class RedisResultBackend(ResultBackendBase):
     def _run(self, what: str, fn: Callable[..., T], *args: Any, reading: bool = False) -> T:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
-        with redis_errors(what, self.url):
-            try:
-                return fn(*args)
-            except rexc.DataError as exc:  # redis-py refused an argument: not transient
-                raise ConfigurationError(f"{what}: {exc}") from exc
-            except rexc.ResponseError as exc:
-                if not any(text in str(exc) for text in _REFUSALS):
-                    raise  # redis_errors decides
-                refused: type[ConveyorError] = DecodeError if reading else ConfigurationError
-                raise refused(f"{what} on {self!r}: the server refused it: {exc}") from exc
+        with redis_errors(what, self.url, reading=reading):
+            return fn(*args)
 
     def task_key(self, task_id: str) -> str:
         """The key (and pub/sub channel) of ``task_id``'s record."""
