@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.core.compression import BUILTIN_METHODS, DEFAULT_MAX_SIZE
 from conveyor.core.errors import DecodeError, SerializationError
 from conveyor.core.types import Envelope, State
+from conveyor.core.urls import mask_text
 from conveyor.runtime.exceptions import (
     NotRegistered,
     Reject,
@@ -77,11 +78,16 @@ def _format_tb(exc: BaseException) -> str:
 
 def describe(exc: BaseException, limit: int = 500) -> str:
     """``Type: message`` for logs and results; never raises (a hostile ``__str__`` may),
-    never longer than ``limit``, always valid UTF-8 (lone surrogates escaped)."""
+    never longer than ``limit``, always valid UTF-8 (lone surrogates escaped), secrets
+    masked (:func:`~conveyor.core.urls.mask_text`: a driver's error may quote a URL or a
+    password)."""
     try:
         text = f"{type(exc).__name__}: {exc}"
     except BaseException:
         text = f"{type(exc).__name__}: <unprintable>"
+    # Masked before it is cut (a cut could hide a secret from the masker), on a bounded
+    # prefix (masking is linear, but a huge message need not be read whole).
+    text = mask_text(text[: limit * 4])
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -230,7 +230,11 @@ class Worker:
                     raise
                 of = f" of {int(limit)}" if limit is not None else ""
                 log.error(
-                    "cannot reach the broker (%s); retry %d%s in %.1fs", exc, attempt, of, backoff
+                    "cannot reach the broker (%s); retry %d%s in %.1fs",
+                    describe(exc),
+                    attempt,
+                    of,
+                    backoff,
                 )
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -351,7 +355,7 @@ class Worker:
                 backoff = 0.1
             except Exception as exc:  # transient, or a broker bug: never the worker's end
                 if isinstance(exc, OperationalError):
-                    log.error("receive failed (%s); retrying in %.1fs", exc, backoff)
+                    log.error("receive failed (%s); retrying in %.1fs", describe(exc), backoff)
                 else:
                     log.exception("receive failed unexpectedly; retrying in %.1fs", backoff)
                 self._stopping.wait(backoff)
@@ -405,7 +409,7 @@ class Worker:
             log.error(
                 "transient failure handling message %s (%s); giving it back",
                 show(delivery.envelope.id),
-                exc,
+                describe(exc),
             )
             self._reject(delivery, requeue=True)
             self._note_transient()
@@ -462,7 +466,7 @@ class Worker:
                             show(delivery.envelope.id),
                         )
                 except OperationalError as exc:
-                    log.warning("lease extension failed (%s); will retry", exc)
+                    log.warning("lease extension failed (%s); will retry", describe(exc))
                     break
                 except Exception:
                     log.exception("lease extension failed unexpectedly; will retry")
@@ -497,7 +501,9 @@ class Worker:
             try:
                 deleted = self.app.backend.purge_expired()
             except ConveyorError as exc:
-                log.warning("expired-result sweep failed (%s); next in %.0fs", exc, interval)
+                log.warning(
+                    "expired-result sweep failed (%s); next in %.0fs", describe(exc), interval
+                )
                 continue
             if deleted:
                 log.info("deleted %d expired result rows", deleted)
@@ -565,7 +571,7 @@ class Worker:
                 "could not %s message %s (%s): it will be delivered again",
                 what,
                 show(delivery.envelope.id),
-                exc,
+                describe(exc),
             )
             self._note_transient()
         except Exception:
@@ -577,7 +583,9 @@ class Worker:
                 try:
                     self.app.broker.ack(delivery)
                 except Exception as exc:
-                    log.error("ack of %s failed too (%s)", show(delivery.envelope.id), exc)
+                    log.error(
+                        "ack of %s failed too (%s)", show(delivery.envelope.id), describe(exc)
+                    )
 
     # ---- handling one delivery
     def _process(self, delivery: Delivery, run: Runner | None = None) -> None:
@@ -830,7 +838,7 @@ class Worker:
                 record = self.results.record(request, State.FAILURE, stored_value, reason)
                 self.results.store(record)
             except StoreGaveUp as gave_up:  # dead-letter it all the same: never a loop
-                log.error("%s; dead-lettering it without a result", gave_up)
+                log.error("%s; dead-lettering it without a result", describe(gave_up))
         if not acked:
             self._reject(delivery, requeue=False, reason=reason)
 
