@@ -90,10 +90,13 @@ How it works (``docs/backends/amqp.md`` has the details):
   no queue argument is needed, so the queue stays equivalent to Celery's. A copy RabbitMQ
   cannot take (headers past ``frame_max``) is replaced by one without the original headers
   (their text in ``x-conveyor-original``); only a transient failure raises. With
-  ``dead_letter="dlx"`` queues are declared with ``x-dead-letter-exchange=""`` and
-  ``x-dead-letter-routing-key=<q>.dead`` and RabbitMQ moves the message (declare the same on
-  the Celery side); RabbitMQ then records only ``x-death`` (reason ``rejected``), not the
-  reason text, which is logged.
+  ``dead_letter="dlx"`` queues are also declared with ``x-dead-letter-exchange=""`` and
+  ``x-dead-letter-routing-key=<q>.dead`` (declare the same on the Celery side), so what
+  RabbitMQ dead-letters itself (``delivery_limit`` on quorum queues, expired messages, a
+  Celery worker's rejects) lands in ``<q>.dead`` natively, with ``x-death``. conveyor's own
+  ``reject`` still publishes the copy with the reason and acks, as in the default mode:
+  RabbitMQ's move cannot carry a reason (it records only ``x-death``: "rejected"), and the
+  reason is what the contract promises wherever ``dead_letter`` is declared.
 * **Delivery counts**: quorum queues count (``x-delivery-count``). Classic queues do not, so
   conveyor does, in the message: a delivery that RabbitMQ marks ``redelivered`` is not handed
   out; ``receive`` publishes a copy to the same queue with the header
@@ -324,7 +327,8 @@ class AMQPBrokerOptions(AMQPConnectionOptions):
             :meth:`AMQPBroker.from_url` then returns an :class:`AMQPPriorityBroker`.
         queue_type: ``classic`` (Celery's default) or ``quorum`` (``x-queue-type``).
         dead_letter: ``publish`` (copy to ``<q>.dead`` then ack; no queue argument) or
-            ``dlx`` (queue arguments ``x-dead-letter-exchange``/``-routing-key``).
+            ``dlx`` (also the queue arguments ``x-dead-letter-exchange``/``-routing-key``,
+            for what RabbitMQ dead-letters itself; ``reject`` still publishes the copy).
         delivery_limit: quorum queues only: ``x-delivery-limit`` (RabbitMQ drops, or with
             ``dlx`` dead-letters, a message returned more often).
         consumer_timeout: the server's ``consumer_timeout`` in seconds, only used to warn
@@ -2498,7 +2502,7 @@ class AMQPBroker(BrokerBase):
         return True
 
     def _send_settle(self, receipt: _Receipt, delivery: Delivery, action: str) -> None:
-        """Send ack / requeue-reject / drop-reject for a SETTLING receipt (I/O thread)."""
+        """Send ack or requeue-reject for a SETTLING receipt (I/O thread)."""
 
         def io() -> bool:
             channel = self._link.channel("con")
@@ -2576,8 +2580,8 @@ class AMQPBroker(BrokerBase):
         """Give a delivery back (``requeue=True``) or dead-letter it. Idempotent.
 
         Dead-lettering publishes a copy to ``<queue>.dead`` with the ``reason`` and source
-        queue in headers, waits for its confirm, then acks (``dead_letter="dlx"``: RabbitMQ
-        moves the message itself and records ``x-death``).
+        queue in headers, waits for its confirm, then acks; with ``dead_letter="dlx"`` too
+        (RabbitMQ's own move could not record the reason; see the module docstring).
 
         Raises:
             InvalidReceipt: as for :meth:`ack`.
@@ -2589,10 +2593,6 @@ class AMQPBroker(BrokerBase):
                 return
         if requeue:
             self._send_settle(receipt, delivery, "requeue")
-            return
-        if self._uses_dlx(delivery.queue):
-            log.info("dead-lettering %s through RabbitMQ's DLX: %s", delivery.envelope.id, reason)
-            self._send_settle(receipt, delivery, "drop")
             return
         try:
             self._publish_dead(delivery, clean_reason(reason))
