@@ -778,7 +778,10 @@ class BrokerConformance:
         recorded = headers.get(DEAD_LETTER_REASON_HEADER)
         assert isinstance(recorded, str), f"no reason recorded: {headers!r}"
         # Exactly, or with its tabs and line breaks as spaces (see the module doc).
-        assert recorded.split() == reason.split(), recorded
+        assert recorded.split() == reason.split(), (
+            f"dead-letter reason recorded as {recorded!r}, expected {reason!r} (exactly, or "
+            "with its tabs and line breaks as spaces)"
+        )
         assert headers.get(DEAD_LETTER_QUEUE_HEADER) == queue
         assert (headers["task"], headers["retries"]) == ("tasks.explode", 2)
         assert dead.envelope.id == sent.id
