@@ -35,13 +35,14 @@ from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
     ConveyorError,
+    EncodeError,
     InvalidURL,
     MissingDependency,
     OperationalError,
     OperationTimeout,
 )
 from conveyor.core.options import closest
-from conveyor.core.urls import mask_url
+from conveyor.core.urls import mask_text, mask_url, refuse_ambiguous_credentials
 
 __all__ = [
     "Database",
@@ -70,8 +71,12 @@ _PG_TIMEOUT = frozenset({"57014", "55P03"})
 _MYSQL_RETRY = frozenset({1213, 1205})
 _MYSQL_LOST = frozenset({2002, 2003, 2006, 2013, 2055, 1927, 4031})
 _MYSQL_TIMEOUT = frozenset({3024, 1969})
-# SQLite primary result codes (extended codes keep them in their low byte).
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+# MySQL / MariaDB: a value the column cannot hold (1406 data too long, 1366 incorrect string
+# value, 1264 out of range), whatever class the driver gives them.
+_MYSQL_DATA = frozenset({1406, 1366, 1264})
+# SQLite primary result codes (extended codes keep them in their low byte): 1 is an SQL
+# mistake (no such table or column, syntax), 8 a read-only database.
+_SQLITE_ERROR, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 1, 5, 6, 8
 
 
 def split_url(
@@ -88,10 +93,15 @@ def split_url(
     text = url.strip()
     head, plus, rest = text.partition("+")
     inner = rest if plus and head.lower() in prefixes else text
+    # A raw '?' or '#' in credentials reads differently in SQLAlchemy than here: refuse it
+    # before SQLAlchemy parses it (and quotes a piece of the password as a host).
+    refuse_ambiguous_credentials(url)
     try:
         sa_url = make_url(inner)
     except (sa_exc.ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
-        raise InvalidURL(f"{mask_url(url)!r} is not a SQLAlchemy URL: {exc}") from None
+        raise InvalidURL(
+            f"{mask_url(url)!r} is not a SQLAlchemy URL: {_masked(exc, url)}"
+        ) from None
     ours: dict[str, str] = {}
     for key, value in sa_url.query.items():
         if key in option_names:
@@ -318,9 +328,27 @@ class Database:
             self.engine.dispose()
 
 
+def _masked(exc: BaseException, url: str = "") -> str:
+    """``str(exc)`` with every secret masked, and the raw URL's password too (a driver may
+    quote the URL it was given, or a piece of it)."""
+    text = mask_text(str(exc))
+    password = _password_of(url)
+    if password and len(password) > 2:
+        text = text.replace(password, "***")
+    return text
+
+
+def _password_of(url: str) -> str:
+    try:
+        _, plus, rest = url.partition("+")
+        return str(make_url(rest if plus and "://" in rest else url).password or "")
+    except Exception:  # not a URL SQLAlchemy reads: nothing more to hide than mask_text does
+        return ""
+
+
 def _brief(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
-    return f"{type(orig or exc).__name__}: {orig or exc}"
+    return mask_text(f"{type(orig or exc).__name__}: {orig or exc}")
 
 
 def _mysql_code(orig: Any) -> int | None:
@@ -330,15 +358,53 @@ def _mysql_code(orig: Any) -> int | None:
     return None
 
 
+def _sqlite_code(orig: Any) -> int | None:
+    """The primary SQLite result code of a sqlite3 error (Python >= 3.11), else None."""
+    if orig is None or not type(orig).__module__.startswith("sqlite3"):
+        return None
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _sqlite_locked(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None)
     if orig is None or not type(orig).__module__.startswith("sqlite3"):
         return False
-    code = getattr(orig, "sqlite_errorcode", None)  # Python >= 3.11: no text to read
-    if isinstance(code, int):
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    code = _sqlite_code(orig)  # Python >= 3.11: no text to read
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
     text = str(orig).lower()
     return "database is locked" in text or "database table is locked" in text
+
+
+def _sqlite_mistake(orig: Any) -> bool:
+    """A sqlite3 error that no retry can change: an SQL mistake or a read-only database
+    (sqlite3 reports those as OperationalError too)."""
+    code = _sqlite_code(orig)
+    if code is not None:
+        return code in (_SQLITE_ERROR, _SQLITE_READONLY)
+    # Python 3.10 gives no result code: its messages are all there is.
+    text = str(orig).lower()
+    mistakes = ("no such table", "no such column", "syntax error", "readonly", "read-only")
+    return any(m in text for m in mistakes)
+
+
+def _refused_value(exc: BaseException, orig: Any, sqlstate: Any, code: int | None) -> bool:
+    """The database (or the driver, binding it) refused a value: retrying cannot help.
+    PostgreSQL SQLSTATE class 22 (data exception: value too long, NUL in text, numeric
+    overflow, bad encoding), MySQL 1406/1366/1264, any driver's DataError, and a value
+    SQLAlchemy could not bind (a StatementError wrapping ValueError/TypeError)."""
+    if isinstance(sqlstate, str) and sqlstate.startswith("22"):
+        return True
+    if code in _MYSQL_DATA and type(orig).__module__.startswith(("pymysql", "MySQLdb")):
+        return True
+    if isinstance(exc, sa_exc.DataError):
+        return True
+    return (
+        isinstance(exc, sa_exc.StatementError)
+        and not isinstance(exc, sa_exc.DBAPIError)
+        and isinstance(orig, ValueError | TypeError)
+    )
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -359,25 +425,38 @@ def is_retryable(exc: BaseException) -> bool:
 def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError:
     """The ONE mapping from SQLAlchemy/driver errors to conveyor's tree.
 
-    The message names the operation and the masked URL and the driver's own message (never
-    statement parameters: engines are built with ``hide_parameters``). Callers chain it:
-    ``raise translate_error(exc, ...) from exc``.
+    The message names the operation and the masked URL and the driver's own message, masked
+    (never statement parameters: engines are built with ``hide_parameters``). Callers chain
+    it: ``raise translate_error(exc, ...) from exc``.
+
+    Only a lost connection, a time limit and contention that outlasted the retries are an
+    :class:`OperationalError` (a retry may succeed). A value the database refuses (too long,
+    NUL, out of range, not bindable) is an :class:`EncodeError`; a constraint violation or
+    an SQL mistake a :class:`ConfigurationError` (ids are checked before they reach the
+    database, so what remains is the schema's or the caller's).
     """
     where = f"{what} on {mask_url(url)}"
     orig = getattr(exc, "orig", None)
-    detail = mask_url(str(orig if orig is not None else exc).strip().splitlines()[0][:500])
+    raw = str(orig if orig is not None else exc).strip().splitlines()
+    detail = _masked(Exception(raw[0][:500] if raw else type(exc).__name__), url)
     if isinstance(exc, ModuleNotFoundError):
         return MissingDependency(url.partition(":")[0], "sqlalchemy", exc.name or "driver")
     sqlstate = getattr(orig, "sqlstate", None)
     code = _mysql_code(orig)
-    text = detail.lower()
+    # Classified by error classes and codes, never by message text (it changes with the
+    # server's version and language). Only connection loss and time limits are transient.
+    if _refused_value(exc, orig, sqlstate, code):
+        return EncodeError(f"{where}: the database refused a value: {detail}")
+    if isinstance(exc, sa_exc.IntegrityError) and not is_retryable(exc):
+        # A constraint (unique id, not null): the same statement fails the same way again.
+        return ConfigurationError(f"{where}: a constraint refused the write: {detail}")
     if isinstance(exc, sa_exc.DisconnectionError) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):
         return ConnectionLost(f"{where}: connection lost: {detail}")
     if is_retryable(exc):
         return OperationTimeout(f"{where}: still contended after retries: {detail}")
-    if sqlstate in _PG_TIMEOUT or code in _MYSQL_TIMEOUT or "timeout" in text:
+    if sqlstate in _PG_TIMEOUT or code in _MYSQL_TIMEOUT:
         return OperationTimeout(f"{where}: timed out: {detail}")
     if isinstance(exc, sa_exc.TimeoutError):  # pool checkout timeout
         return OperationTimeout(f"{where}: no free connection in the pool: {detail}")
@@ -387,12 +466,8 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
         or code in _MYSQL_LOST
     ):
         return ConnectionLost(f"{where}: {detail}")
-    if orig is not None and type(orig).__module__.startswith("sqlite3"):
-        # sqlite3 reports mistakes as OperationalError too; they are not transient.
-        if any(m in text for m in ("no such table", "no such column", "syntax error")):
-            return ConfigurationError(f"{where}: {detail}")
-        if "readonly" in text or "read-only" in text:
-            return ConfigurationError(f"{where}: {detail}")
+    if _sqlite_mistake(orig):
+        return ConfigurationError(f"{where}: {detail}")
     if isinstance(exc, sa_exc.OperationalError):
         # Connection refused, unknown host, server shutting down, disk full: all transient.
         return ConnectionLost(f"{where}: {detail}")
@@ -442,8 +517,8 @@ def make_database(
         driver = url.get_driver_name()  # loads the dialect
     except sa_exc.NoSuchModuleError as exc:
         raise ConfigurationError(
-            f"unknown SQL dialect in {mask_url(url_text)}: {exc} (e.g. sqlite, postgresql+psycopg, "
-            "mysql+pymysql)"
+            f"unknown SQL dialect in {mask_url(url_text)}: {_masked(exc, url_text)} (e.g. "
+            "sqlite, postgresql+psycopg, mysql+pymysql)"
         ) from None
     memory = backend == "sqlite" and _is_sqlite_memory(url)
     lock_wait: float | None = None
@@ -475,9 +550,11 @@ def make_database(
     except ModuleNotFoundError as exc:
         extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
         raise MissingDependency(url.drivername, extra or "sqlalchemy", exc.name or driver) from None
-    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError) as exc:
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError, ValueError) as exc:
+        # ValueError: a query value the dialect cannot convert (``?timeout=abc``).
+        # SQLAlchemy's text may quote query values (a password among them): masked.
         raise ConfigurationError(
-            f"cannot build an engine for {mask_url(url_text)}: {exc}"
+            f"cannot build an engine for {mask_url(url_text)}: {_masked(exc, url_text)}"
         ) from None
     if backend == "sqlite":
         _install_sqlite_hooks(built, memory=memory, synchronous=settings.sqlite_synchronous)
@@ -576,13 +653,27 @@ def tables_exist(db: Database, metadata: sa.MetaData) -> bool:
     return db.transaction(check, what="inspect tables", readonly=True)
 
 
+def _tables_appeared(db: Database, metadata: sa.MetaData) -> bool:
+    """Whether any table of ``metadata`` exists now (another process is creating them)."""
+    try:
+
+        def check(conn: Connection) -> bool:
+            inspector = sa.inspect(conn)
+            return any(inspector.has_table(t.name, schema=t.schema) for t in metadata.sorted_tables)
+
+        return db.transaction(check, what="inspect tables", readonly=True)
+    except ConveyorError:
+        return False
+
+
 def create_all_race_safe(db: Database, metadata: sa.MetaData, *, what: str) -> None:
     """``metadata.create_all`` that tolerates another process creating the same objects.
 
     Two processes starting at once both see "no table" and both CREATE; the loser gets
-    "already exists" (or, on PostgreSQL, a unique violation in ``pg_type``). Retrying sees
-    the tables and does nothing. Bounded: 10 attempts (plus, on SQLite, waits for the write
-    lock up to the operation timeout).
+    "already exists" (or, on PostgreSQL, a unique violation in ``pg_type``). When a table of
+    ``metadata`` exists after such an error, it was a race: retrying sees the tables and
+    does nothing; otherwise the error is raised at once. Bounded: 10 attempts (plus, on
+    SQLite, waits for the write lock up to the operation timeout).
     """
     if tables_exist(db, metadata):
         return
@@ -601,8 +692,9 @@ def create_all_race_safe(db: Database, metadata: sa.MetaData, *, what: str) -> N
                 time.sleep(random.uniform(0, 0.005))
                 continue
             attempt += 1
-            text = str(getattr(exc, "orig", exc)).lower()
-            racing = "exist" in text or "duplicate" in text or is_retryable(exc)
+            # Lost a race when the tables are there now (asked of the database, never read
+            # from the error's text, which differs per server, version and language).
+            racing = is_retryable(exc) or _tables_appeared(db, metadata)
             if not racing or attempt >= 10:
                 raise translate_error(exc, what=what, url=db.url_text) from exc
             time.sleep(0.01 * attempt * (0.5 + random.random()))

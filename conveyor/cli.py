@@ -7,7 +7,7 @@
     conveyor bench redis://127.0.0.1:6379/10
     conveyor demo
 
-URLs are always printed with passwords masked.
+URLs are always printed with passwords masked, and so is every error text.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from conveyor.core.errors import ConveyorError
-from conveyor.core.urls import mask_url
+from conveyor.core.urls import mask_text, mask_url
 
 __all__ = ["find_app", "main", "setup_logging"]
 
@@ -149,7 +149,7 @@ def worker(
     try:
         w.start()
     except ConveyorError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(mask_text(str(exc))) from exc
     finally:
         app.close()
 
@@ -186,7 +186,7 @@ def call(
         if wait_s is not None:
             click.echo(json.dumps(result.get(timeout=wait_s, propagate=False), default=str))
     except ConveyorError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(mask_text(str(exc))) from exc
     finally:
         app.close()
 
@@ -202,7 +202,7 @@ def result(obj: _Ctx, task_id: str) -> None:
         out = {"id": task_id, "state": res.state, "result": res.result, "traceback": res.traceback}
         click.echo(json.dumps(out, default=repr, indent=2))
     except ConveyorError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(mask_text(str(exc))) from exc
     finally:
         app.close()
 
@@ -218,7 +218,7 @@ def check(url: str, kind: str, rounds: int) -> None:
     try:
         rows, caps, what = run_check(url, kind=kind, rounds=rounds)
     except ConveyorError as exc:
-        raise click.ClickException(f"{mask_url(url)}: {exc}") from exc
+        raise click.ClickException(f"{mask_url(url)}: {mask_text(str(exc))}") from exc
     click.echo(f"{what} {mask_url(url)}")
     click.echo(f"  capabilities: {', '.join(sorted(caps)) or '(none)'}")
     click.echo(f"  {'operation':<14} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
@@ -267,7 +267,7 @@ def bench(
     try:
         figures = run_pair(pair, settings)
     except ConveyorError as exc:
-        raise click.ClickException(f"{mask_url(url)}: {exc}") from exc
+        raise click.ClickException(f"{mask_url(url)}: {mask_text(str(exc))}") from exc
     click.echo(format_table(figures))
 
 

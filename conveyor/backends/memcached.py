@@ -19,6 +19,8 @@ URL:
 Options (keyword > URL query > default; :class:`MemcachedResultBackendOptions`):
     ``default_ttl`` (86400.0: Celery's ``result_expires``), ``serializer`` (``json``),
     ``accept`` (serializers ``fetch`` decodes; default: the serializer alone),
+    ``accept_compression`` (methods a Celery 5.7 compressed payload may use; default: every
+    built-in one; decompression stops at 64 MiB),
     ``global_keyprefix`` (Celery's ``result_backend_transport_options['global_keyprefix']``,
     with Celery's rule: an ``_`` is appended unless it ends in ``:``, ``_``, ``-`` or ``.``),
     ``connect_timeout`` (5.0) and ``timeout`` (5.0: each socket operation), ``max_pool_size``
@@ -95,7 +97,18 @@ from pymemcache.exceptions import (
 
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
-from conveyor.core.celery import decode_meta, encode_meta, group_from_meta, group_meta
+from conveyor.core.celery import (
+    decode_meta,
+    decode_payload,
+    encode_meta,
+    group_from_meta,
+    group_meta,
+)
+from conveyor.core.compression import (
+    BUILTIN_METHODS,
+    DEFAULT_MAX_SIZE,
+    normalize_accept_compression,
+)
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -109,7 +122,7 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import GroupRecord, ResultRecord, State
-from conveyor.core.urls import mask_url, parse_url, scheme_of
+from conveyor.core.urls import mask_text, mask_url, parse_url, scheme_of
 
 __all__ = [
     "MAX_RELATIVE_EXPIRY",
@@ -156,29 +169,44 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
     """The ONE mapping from pymemcache and socket errors to conveyor's tree.
 
     * socket timeouts -> :class:`OperationTimeout`;
-    * refused/reset connections, unexpected closes, "all servers down" -> ConnectionLost;
+    * refused/reset connections, unexpected closes, "all servers down" (pymemcache raises
+      the bare :class:`MemcacheError` for that alone) -> ConnectionLost;
     * illegal keys (spaces, control characters, over 250 bytes) -> ConfigurationError;
-    * "object too large" -> :class:`EncodeError` (a value over the item size limit, 1 MiB
-      by default);
     * the server's ``CLIENT_ERROR`` replies (a malformed request; retrying sends the same)
       and unknown commands -> ConfigurationError;
-    * other server errors (``SERVER_ERROR out of memory``, ...) -> :class:`OperationalError`.
+    * ``SERVER_ERROR`` replies (out of memory, ...) -> :class:`OperationalError`; a value
+      over the item size limit is told apart by asking the server its limit, not by reading
+      the reply (see ``MemcachedResultBackend._driver``): :class:`EncodeError`.
+
+    Classified by exception class, never by message text.
     """
     where = f"{what} on {mask_url(url)}"
-    detail = mask_url((str(exc).strip().splitlines() or [""])[0][:300]) or type(exc).__name__
+    detail = mask_text((str(exc).strip().splitlines() or [""])[0][:300]) or type(exc).__name__
     if isinstance(exc, TimeoutError):  # socket.timeout is an alias since 3.10
         return OperationTimeout(f"{where}: timed out: {detail}")
     if isinstance(exc, MemcacheUnexpectedCloseError | OSError):
         return ConnectionLost(f"{where}: connection lost: {detail}")
     if isinstance(exc, MemcacheIllegalInputError):
         return ConfigurationError(f"{where}: not a valid memcached key or value: {detail}")
-    if isinstance(exc, MemcacheServerError) and "too large" in detail.lower():
-        return EncodeError(f"{where}: value larger than the server's item size limit: {detail}")
-    if isinstance(exc, MemcacheError) and "servers seem to be down" in detail:
+    if type(exc) is MemcacheError:  # HashClient: no server left to ask
         return ConnectionLost(f"{where}: {detail}")
     if isinstance(exc, MemcacheClientError | MemcacheUnknownCommandError):
         return ConfigurationError(f"{where}: the server refused the request: {detail}")
     return OperationalError(f"{where}: {detail}")
+
+
+#: Bytes an item takes besides its value (header, CAS, the longest key): a value within this
+#: of the item size limit does not fit.
+_ITEM_OVERHEAD = 64 + _MAX_KEY_BYTES
+
+
+class _Sent:
+    """What a write sent, for the error path of ``_driver``."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 0
 
 
 def _parse_servers(url: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
@@ -197,8 +225,8 @@ def _parse_servers(url: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
         item = item.strip().rstrip("/")
         if not item:
             continue
-        if "/" in item:
-            raise InvalidURL(f"{mask_url(url)!r}: memcached URLs have no path (got {item!r})")
+        if "/" in item:  # the item itself is not shown: it may hold credentials
+            raise InvalidURL(f"{mask_url(url)!r}: memcached URLs have no path")
         parsed = parse_url(f"memcached://{item}/", default_port=_DEFAULT_PORT)
         if parsed.password is not None or parsed.username is not None:
             raise ConfigurationError(
@@ -225,6 +253,8 @@ class MemcachedResultBackendOptions:
             ``None``/0: no expiry (memcached may still evict); explicit configuration only.
         serializer: result serializer name (Celery's ``result_serializer``).
         accept: serializers ``fetch`` may decode; empty means ``(serializer,)``.
+        accept_compression: compression methods a Celery 5.7 compressed payload may use
+            when read (the app's ``accept_compression``); None or empty: none.
         global_keyprefix: prefix of every key (Celery's rule, see the module docstring).
         connect_timeout: seconds to connect to a server.
         timeout: seconds for each socket read or write.
@@ -235,6 +265,7 @@ class MemcachedResultBackendOptions:
     default_ttl: float | None = DEFAULT_RESULT_TTL
     serializer: str = "json"
     accept: tuple[str, ...] = ()
+    accept_compression: tuple[str, ...] | None = BUILTIN_METHODS
     global_keyprefix: str = ""
     connect_timeout: float = 5.0
     timeout: float = 5.0
@@ -310,6 +341,9 @@ class MemcachedResultBackend(ResultBackendBase):
         }
     )
 
+    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
+    reads_compressed_results: ClassVar[bool] = True
+
     def __init__(
         self,
         servers: Sequence[tuple[str, int]],
@@ -328,12 +362,14 @@ class MemcachedResultBackend(ResultBackendBase):
         self._serializers = serializers or default_serializers
         self._serializer = self._serializers.get(opts.serializer)
         self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        self._accept_compression = normalize_accept_compression(opts.accept_compression)
         prefix = _celery_prefix(opts.global_keyprefix)
         self._task_prefix = prefix + _TASK_PREFIX
         self._group_prefix = prefix + _GROUP_PREFIX
         self._counter_prefix = prefix + _COUNTER_PREFIX
 
         self._client: Any = client if client is not None else self._make_client()
+        self._item_limit: int | None = None
         self._closed = False
 
     def _make_client(self) -> HashClient:
@@ -374,16 +410,42 @@ class MemcachedResultBackend(ResultBackendBase):
 
     # ------------------------------------------------------------------ driver boundary
     @contextlib.contextmanager
-    def _driver(self, what: str) -> Iterator[None]:
-        """Every client call runs in here: closed check and error translation."""
+    def _driver(self, what: str) -> Iterator[_Sent]:
+        """Every client call runs in here: closed check and error translation. Callers that
+        write set ``sent.size`` (bytes of the value): a ``SERVER_ERROR`` for a value over
+        the servers' item size limit is then an :class:`EncodeError`, not transient."""
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
+        sent = _Sent()
         try:
-            yield
+            yield sent
         except (MemcacheError, OSError) as exc:
             if self._closed:
                 raise ConnectionLost(f"{self!r} is closed") from exc
+            if isinstance(exc, MemcacheServerError) and sent.size:
+                limit = self._item_size_limit()
+                if limit is not None and sent.size + _ITEM_OVERHEAD > limit:
+                    raise EncodeError(
+                        f"{what} on {mask_url(self.url)}: a value of {sent.size} bytes is over "
+                        f"the server's item size limit ({limit} bytes, memcached -I)"
+                    ) from exc
             raise translate_error(exc, what=what, url=self.url) from exc
+
+    def _item_size_limit(self) -> int | None:
+        """The smallest ``item_size_max`` of the servers (``stats settings``), asked once,
+        on the first ``SERVER_ERROR`` of a write; None when it cannot be known."""
+        if self._item_limit is None:
+            clients = getattr(self._client, "clients", None)
+            limits: list[int] = []
+            try:
+                for client in (clients or {}).values():
+                    value = client.stats("settings").get(b"item_size_max")
+                    if isinstance(value, int | bytes | str):
+                        limits.append(int(value))
+            except Exception:  # the server is gone meanwhile: the error stays transient
+                return None
+            self._item_limit = min(limits) if limits else None
+        return self._item_limit
 
     def _check_id(self, value: object, what: str) -> str:
         """The base rules, then memcached's (see Ids in the module docstring). One rule for
@@ -422,11 +484,24 @@ class MemcachedResultBackend(ResultBackendBase):
             accept=self._accept,
             serializers=self._serializers,
             task_id=task_id,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
+        )
+
+    def _decode_value(self, raw: bytes) -> Any:
+        """A stored payload's value (a Celery 5.7 compressed one too), bounded."""
+        return decode_payload(
+            raw,
+            self._serializer.content_type,
+            accept=self._accept,
+            serializers=self._serializers,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
         )
 
     def _is_success(self, raw: bytes) -> bool:
         try:
-            meta = self._serializers.decode(raw, self._serializer.content_type, accept=self._accept)
+            meta = self._decode_value(raw)
         except ConveyorError:
             return False  # unreadable: not a SUCCESS we must keep
         return isinstance(meta, Mapping) and meta.get("status") == _SUCCESS
@@ -462,7 +537,8 @@ class MemcachedResultBackend(ResultBackendBase):
         expire = self._exptime(ttl)
         what = f"store result {_brief(record.task_id)}"
         deadline = time.monotonic() + self.options.contention_timeout
-        with self._driver(what):
+        with self._driver(what) as sent:
+            sent.size = len(value)
             for attempt in itertools.count():
                 current, token = self._client.gets(key)
                 if current is None:
@@ -521,7 +597,8 @@ class MemcachedResultBackend(ResultBackendBase):
             done = done.replace(tzinfo=_UTC)
         meta["date_done"] = done.astimezone(_UTC).isoformat()
         value, _, _ = self._serializers.encode(meta, self._serializer.name)
-        with self._driver(f"store group {_brief(record.group_id)}"):
+        with self._driver(f"store group {_brief(record.group_id)}") as sent:
+            sent.size = len(value)
             self._client.set(key, value, expire=self._exptime(ttl), noreply=False)
 
     def fetch_group(self, group_id: str) -> GroupRecord | None:
@@ -531,8 +608,7 @@ class MemcachedResultBackend(ResultBackendBase):
             raw = self._client.get(key)
         if raw is None:
             return None
-        meta = self._serializers.decode(raw, self._serializer.content_type, accept=self._accept)
-        return group_from_meta(meta, group_id)
+        return group_from_meta(self._decode_value(raw), group_id)
 
     def forget_group(self, group_id: str) -> None:
         """Delete the group record (not its members' results). Idempotent."""
@@ -607,7 +683,7 @@ class MemcachedResultBackend(ResultBackendBase):
         expire = self._exptime(ttl)
         what = f"add_member {_brief(key)}"
         deadline = time.monotonic() + self.options.contention_timeout
-        with self._driver(what):
+        with self._driver(what) as sent:
             for attempt in itertools.count():
                 current, token = self._client.gets(name)
                 if current is None:
@@ -624,6 +700,7 @@ class MemcachedResultBackend(ResultBackendBase):
                     if member not in members:
                         members.append(member)
                     value = json.dumps(members, ensure_ascii=False).encode("utf-8")
+                    sent.size = len(value)
                     if self._client.cas(name, value, token, expire=expire, noreply=False):
                         return len(members)
                 self._pause(attempt, deadline, what)

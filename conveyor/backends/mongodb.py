@@ -99,7 +99,7 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
-from conveyor.core.urls import mask_url
+from conveyor.core.urls import mask_text, mask_url
 from conveyor.transports.mongodb import (
     driver_defaults,
     split_mongodb_url,
@@ -282,7 +282,7 @@ class MongoDBResultBackend(ResultBackendBase):
             raise translate_error(exc, what="create client", url=url) from exc
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(
-                f"bad MongoDB URL {mask_url(url)!r}: {mask_url(str(exc))}"
+                f"bad MongoDB URL {mask_url(url)!r}: {mask_text(str(exc))}"
             ) from None
         try:
             return cls(client, opts, serializers=serializers, url=url, _owns_client=True)
@@ -304,14 +304,10 @@ class MongoDBResultBackend(ResultBackendBase):
             if not self._indexes_ready:
                 self._create_indexes()
             yield
-        except (mongo_errors.PyMongoError, BSONError, OverflowError) as exc:
+        except (mongo_errors.PyMongoError, BSONError, OverflowError, UnicodeError) as exc:
             if self._closed:
                 raise ConnectionLost(f"{self!r} is closed") from exc
             raise translate_error(exc, what=what, url=self.url) from exc
-        except UnicodeEncodeError as exc:  # BSON strings are UTF-8: a lone surrogate
-            raise EncodeError(f"{what} on {self!r}: BSON cannot hold the text: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"{what} on {self!r}: a stored string is not UTF-8: {exc}") from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -459,7 +455,7 @@ class MongoDBResultBackend(ResultBackendBase):
         except mongo_errors.OperationFailure as exc:
             if exc.code not in _DOCUMENT_REFUSED:
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            first = mask_text((str(exc).strip().splitlines() or [""])[0][:300])
             raise EncodeError(f"{what}: the server refused the document: {first}") from exc
 
     # ------------------------------------------------------------------ ResultBackend

@@ -19,8 +19,10 @@ Options (keyword > URL query > default; :class:`RedisResultBackendOptions`):
     forgotten, only when asked for), ``serializer`` (``json``: ``result_serializer``),
     ``accept`` (serializers ``fetch`` decodes; default: the serializer alone),
     ``compression`` (None: Celery 5.7's ``result_compression``; Celery <= 5.6 cannot read
-    such values), ``global_keyprefix`` (Celery's ``result_backend_transport_options``
-    prefix: an ``_`` is added unless it ends in ``:``, ``_``, ``-`` or ``.``),
+    such values), ``accept_compression`` (methods a compressed payload may use when read;
+    default: every built-in one; decompression stops at 64 MiB), ``global_keyprefix``
+    (Celery's ``result_backend_transport_options`` prefix: an ``_`` is added unless it ends
+    in ``:``, ``_``, ``-`` or ``.``),
     ``wait_recheck_interval`` (1.0: while waiting, the record is also re-read this often, so
     a notification lost to a reconnect or a writer that does not publish costs at most this
     long), and the connection settings of the broker (``socket_timeout``, ``max_retries``,
@@ -56,11 +58,12 @@ Ids:
     keys are binary-safe: spaces, control characters and any Unicode are fine).
 
 Errors:
-    Connection failures and timeouts are :class:`~conveyor.core.errors.OperationalError`
+    Connection failures, timeouts and the transient error replies (``LOADING``, ``BUSY``,
+    ``OOM``, a failover...) are :class:`~conveyor.core.errors.OperationalError`
     (``redis_errors``). Replies that no retry can change are not: a key holding another type
-    (``WRONGTYPE``) or a counter out of range raises ``ConfigurationError`` on writes and
-    ``DecodeError`` on reads; redis-py refusing an argument (``DataError``) raises
-    ``ConfigurationError``.
+    (``WRONGTYPE``), a counter out of range or any other ``ERR`` reply raises
+    ``ConfigurationError`` on writes and ``DecodeError`` on reads; redis-py refusing an
+    argument (``DataError``) raises ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -84,12 +87,23 @@ from conveyor.core.capabilities import Capability
 from conveyor.core.celery import (
     COMPRESSED_RESULT_MARKER,
     decode_meta,
+    decode_payload,
     encode_meta,
     group_from_meta,
     group_meta,
 )
-from conveyor.core.compression import compress, decompress
-from conveyor.core.errors import ConfigurationError, ConnectionLost, ConveyorError, DecodeError
+from conveyor.core.compression import (
+    BUILTIN_METHODS,
+    DEFAULT_MAX_SIZE,
+    compress,
+    normalize_accept_compression,
+)
+from conveyor.core.errors import (
+    ConfigurationError,
+    ConnectionLost,
+    DecodeError,
+    SerializationError,
+)
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import GroupRecord, ResultRecord, State
@@ -106,8 +120,6 @@ TASK_KEY = "celery-task-meta-"
 GROUP_KEY = "celery-taskset-meta-"
 _FETCH_CHUNK = 1000
 _UTC = timezone.utc
-#: Error replies that say the request itself is wrong: retrying cannot change them.
-_REFUSALS = ("WRONGTYPE", "not an integer or out of range", "would overflow")
 
 T = TypeVar("T")
 
@@ -158,6 +170,8 @@ class RedisResultBackendOptions(RedisConnectionOptions):
         serializer: result serializer (Celery's ``result_serializer``).
         accept: serializers ``fetch`` decodes; empty means ``(serializer,)``.
         compression: Celery 5.7 ``result_compression`` for what this backend writes.
+        accept_compression: compression methods a compressed payload may use when read
+            (the app's ``accept_compression``); None or empty: none.
         global_keyprefix: Celery's result key prefix (see :func:`celery_key_prefix`).
         wait_recheck_interval: how often a ``wait`` re-reads the record besides listening.
     """
@@ -166,6 +180,7 @@ class RedisResultBackendOptions(RedisConnectionOptions):
     serializer: str = "json"
     accept: tuple[str, ...] = ()
     compression: str | None = None
+    accept_compression: tuple[str, ...] | None = BUILTIN_METHODS
     global_keyprefix: str = ""
     wait_recheck_interval: float = 1.0
 
@@ -264,6 +279,9 @@ class RedisResultBackend(ResultBackendBase):
         }
     )
 
+    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
+    reads_compressed_results: ClassVar[bool] = True
+
     def __init__(
         self,
         client: redis.Redis,
@@ -283,6 +301,7 @@ class RedisResultBackend(ResultBackendBase):
         self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
         if opts.compression:
             compress(b"", opts.compression)  # unknown or missing compressor: fail now
+        self._accept_compression = normalize_accept_compression(opts.accept_compression)
         self._prefix = celery_key_prefix(opts.global_keyprefix)
         self._store_script = Script(client, _STORE_LUA)
         # store, fetch and fetch_many: raw commands on a connection per thread.
@@ -319,16 +338,8 @@ class RedisResultBackend(ResultBackendBase):
     def _run(self, what: str, fn: Callable[..., T], *args: Any, reading: bool = False) -> T:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
-        with redis_errors(what, self.url):
-            try:
-                return fn(*args)
-            except rexc.DataError as exc:  # redis-py refused an argument: not transient
-                raise ConfigurationError(f"{what}: {exc}") from exc
-            except rexc.ResponseError as exc:
-                if not any(text in str(exc) for text in _REFUSALS):
-                    raise  # redis_errors decides
-                refused: type[ConveyorError] = DecodeError if reading else ConfigurationError
-                raise refused(f"{what} on {self!r}: the server refused it: {exc}") from exc
+        with redis_errors(what, self.url, reading=reading):
+            return fn(*args)
 
     def task_key(self, task_id: str) -> str:
         """The key (and pub/sub channel) of ``task_id``'s record."""
@@ -359,19 +370,20 @@ class RedisResultBackend(ResultBackendBase):
             accept=self._accept,
             serializers=self._serializers,
             task_id=task_id,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
         )
 
     def _decode_value(self, raw: bytes) -> Any:
-        if raw.startswith(COMPRESSED_RESULT_MARKER):
-            mime, sep, packed = raw[len(COMPRESSED_RESULT_MARKER) :].partition(b"\x00")
-            if not sep:
-                raise DecodeError("compressed result payload has no compression type")
-            raw = decompress(packed, mime.decode("ascii", "replace"))
-        return self._serializers.decode(
+        # Bounded and checked like a record: a compression type the payload names but this
+        # reader does not know is the payload's fault (DecodeError), not a configuration one.
+        return decode_payload(
             raw,
-            self._serializer.content_type,
-            self._serializer.content_encoding,
+            self._serializer.name,
             accept=self._accept,
+            serializers=self._serializers,
+            max_size=DEFAULT_MAX_SIZE,
+            accept_compression=self._accept_compression,
         )
 
     # ------------------------------------------------------------------ records
@@ -411,8 +423,8 @@ class RedisResultBackend(ResultBackendBase):
     def _is_success(self, raw: bytes, task_id: str) -> bool:
         try:
             return self._decode(raw, task_id).state is State.SUCCESS
-        except (DecodeError, ConfigurationError):
-            return False  # unreadable here: Celery would overwrite it too
+        except (SerializationError, ConfigurationError):
+            return False  # unreadable here (or not accepted): Celery would overwrite it too
 
     def fetch(self, task_id: str) -> ResultRecord | None:
         """``GET`` and decode the record; None when missing or expired.

@@ -22,8 +22,10 @@ Options (keyword > URL query > default; :class:`RPCResultBackendOptions`):
     app's ``oid``), ``default_ttl`` (86400.0:
     also the queue's ``x-expires``, as Celery's ``result_expires``), ``persistent``
     (False: delivery mode 1), ``serializer`` (``json``), ``accept`` (``("json",)``),
-    ``max_cached`` (100000 records kept in memory, oldest dropped first), plus the AMQP
-    connection options of :class:`~conveyor.transports.amqp.AMQPConnectionOptions`.
+    ``accept_compression`` (methods a compressed result may use; default: every built-in
+    one; decompression stops at 64 MiB), ``max_cached`` (100000 records kept in memory,
+    oldest dropped first), plus the AMQP connection options of
+    :class:`~conveyor.transports.amqp.AMQPConnectionOptions`.
 
 Thread-safety:
     One instance may be shared by the threads of one process: it owns one AMQP connection
@@ -70,6 +72,11 @@ from typing import Any, ClassVar
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import decode_meta, encode_meta
+from conveyor.core.compression import (
+    BUILTIN_METHODS,
+    DEFAULT_MAX_SIZE,
+    normalize_accept_compression,
+)
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -115,6 +122,8 @@ class RPCResultBackendOptions(AMQPConnectionOptions):
         persistent: send results with delivery mode 2 (Celery's ``result_persistent``).
         serializer: result serializer name (Celery's ``result_serializer``).
         accept: serializers accepted when reading (Celery's ``result_accept_content``).
+        accept_compression: compression methods a Celery 5.7 compressed result may use
+            (the app's ``accept_compression``); None or empty: none.
         max_cached: records kept in memory; the oldest are dropped beyond it.
     """
 
@@ -124,6 +133,7 @@ class RPCResultBackendOptions(AMQPConnectionOptions):
     persistent: bool = False
     serializer: str = "json"
     accept: tuple[str, ...] = ("json",)
+    accept_compression: tuple[str, ...] | None = BUILTIN_METHODS
     max_cached: int = 100_000
 
     def __post_init__(self) -> None:
@@ -159,6 +169,9 @@ class RPCResultBackend(ResultBackendBase):
     #: A task id travels as the AMQP ``correlation_id`` property: a short string.
     max_id_bytes: ClassVar[int] = 255
 
+    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
+    reads_compressed_results: ClassVar[bool] = True
+
     def __init__(self, options: RPCResultBackendOptions, *, url: str = "rpc://") -> None:
         if not options.broker_url:
             raise ConfigurationError(
@@ -176,6 +189,7 @@ class RPCResultBackend(ResultBackendBase):
         self.reply_to = options.reply_to or str(uuid.uuid4())
         self._serializer = default_serializers.get(options.serializer)
         self._accept = default_serializers.normalize_accept(options.accept)
+        self._accept_compression = normalize_accept_compression(options.accept_compression)
         endpoints, _query = parse_amqp_url(options.broker_url)
         self._link = AMQPLink(
             endpoints, options, name="conveyor-rpc-backend", url=options.broker_url
@@ -315,6 +329,8 @@ class RPCResultBackend(ResultBackendBase):
                 properties.content_type or self.options.serializer,
                 accept=self._accept,
                 task_id=correlation if isinstance(correlation, str) and correlation else None,
+                max_size=DEFAULT_MAX_SIZE,
+                accept_compression=self._accept_compression,
             )
         except (SerializationError, ConfigurationError) as exc:
             log.warning("ignoring an unreadable message on reply queue %s: %s", self.reply_to, exc)

@@ -116,9 +116,9 @@ from conveyor.core.celery import group_from_meta, group_meta, meta_from_record, 
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
+    ConveyorError,
     DecodeError,
     EncodeError,
-    OperationalError,
 )
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
@@ -362,6 +362,14 @@ class SQLAlchemyResultBackend(ResultBackendBase):
                 engine=engine,
             )
         self._db = _database
+        if self._db.memory:
+            # SQLite :memory: lives in this process (see the SQL broker): the instance's
+            # capabilities say so; the class keeps what the other databases give.
+            object.__setattr__(
+                self,
+                "capabilities",
+                type(self).capabilities - {Capability.DURABLE, Capability.CROSS_PROCESS},
+            )
         self.url = _url or f"db+{self._db.engine.url.render_as_string(hide_password=True)}"
         self.default_ttl = opts.default_ttl if opts.default_ttl else None
         self._serializers = serializers or default_serializers
@@ -465,10 +473,11 @@ class SQLAlchemyResultBackend(ResultBackendBase):
 
         try:
             self._db.transaction(work, what=f"add column {name} to {table.name}")
-        except OperationalError as exc:
-            text = str(exc.__cause__ or exc).lower()
-            if "duplicate" not in text and "exist" not in text:
-                raise  # not merely another process's identical ALTER
+        except ConveyorError:
+            # Another process's identical ALTER may have won the race: then the column is
+            # there now (asked of the database, not read from the error's text).
+            if name not in self._columns_of(table):
+                raise
 
     def _ensure_schema(self) -> None:
         self._check_open()

@@ -43,7 +43,7 @@ from conveyor.core.registry import (
     result_backend_from_url,
 )
 from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord, State
-from conveyor.core.urls import mask_url
+from conveyor.core.urls import is_secret_key, mask_options, mask_text, mask_url
 
 __all__ = [
     "DEFAULT_RESULT_TTL",
@@ -83,6 +83,9 @@ __all__ = [
     "Wait",
     "broker_from_url",
     "default_registry",
+    "is_secret_key",
+    "mask_options",
+    "mask_text",
     "mask_url",
     "result_backend_from_url",
     "wait_for",

@@ -189,15 +189,35 @@ class BrokerBase(_Closable):
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
 
     def _check_publish(self, envelope: Envelope, delay: float | None) -> None:
-        """Refuse what the class does not declare. Call at the top of ``publish``."""
+        """Refuse what no store can hold, then what the instance does not declare. Call at
+        the top of ``publish`` (and for each envelope of ``publish_many``).
+
+        Raises:
+            ConfigurationError: ``envelope.id`` is not a ``str`` (ids are data, never
+                queries); ``delay`` is not a finite number of seconds >= 0 (infinite, NaN,
+                negative, a bool or not a number); priority outside 0-9. Retrying cannot
+                help, so never an ``OperationalError``.
+            UnsupportedFeature: a delay or priority the broker does not declare.
+        """
+        if not isinstance(envelope.id, str):
+            raise ConfigurationError(
+                f"an envelope id must be a str, got {type(envelope.id).__name__} "
+                f"{_shown(envelope.id)} (ids are data, never queries)"
+            )
+        if delay is not None and (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < math.inf  # NaN fails this too
+        ):
+            raise ConfigurationError(
+                f"delay must be a finite, non-negative number of seconds, got {_shown(delay)}"
+            )
         if delay is not None and delay > 0 and Capability.DELAYED_DELIVERY not in self.capabilities:
             raise UnsupportedFeature(describe(self), "delayed_delivery", f"delay={delay!r}")
         if envelope.priority and Capability.PRIORITY not in self.capabilities:
             raise UnsupportedFeature(describe(self), "priority", f"priority={envelope.priority}")
         if not 0 <= envelope.priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {envelope.priority}")
-        if delay is not None and (delay < 0 or delay != delay):
-            raise ConfigurationError(f"delay must be a non-negative number of seconds: {delay!r}")
 
     @staticmethod
     def _queue_list(queues: str | Sequence[str]) -> list[str]:

@@ -60,6 +60,7 @@ __all__ = [
     "TaskPeek",
     "build_envelope",
     "decode_meta",
+    "decode_payload",
     "default_origin",
     "encode_meta",
     "exception_from_meta",
@@ -1071,34 +1072,32 @@ def encode_meta(
     return body
 
 
-def decode_meta(
+def decode_payload(
     data: bytes | bytearray | memoryview | str,
     serializer: str = "json",
     *,
     accept: Any = None,
     serializers: SerializerRegistry | None = None,
-    task_id: str | None = None,
     max_size: int | None = DEFAULT_MAX_SIZE,
     accept_compression: Collection[str] | str | None = BUILTIN_METHODS,
-) -> ResultRecord:
-    """Parse a stored result payload (Redis/memcached value, SQL/Mongo ``result`` aside).
+) -> Any:
+    """Decode a stored payload (a result meta, a saved group) to its value.
 
     A payload starting with :data:`COMPRESSED_RESULT_MARKER` is decompressed first, whatever
-    the reader's own compression setting (as Celery 5.7 does).
+    the reader's own compression setting (as Celery 5.7 does), never past ``max_size``.
 
     Args:
         data: the stored bytes (text is taken as UTF-8).
         serializer: name or content type the payload was written with.
         accept: allowed serializers; None means JSON only.
         serializers: registry; the default one when None.
-        task_id: the id, when the payload lacks ``task_id``.
         max_size: decompression limit in bytes; decoding stops there.
         accept_compression: compression methods allowed (see :func:`parse_envelope`).
 
     Raises:
         ContentDisallowed: ``serializer`` or the payload's compression is not accepted.
-        DecodeError: corrupt payload or not a result meta; any unexpected exception while
-            decoding is raised as one, chained.
+        DecodeError: corrupt or oversized payload, or an unknown compression type in it;
+            any unexpected exception while decoding is raised as one, chained.
         ConfigurationError: unknown ``serializer`` (the reader's configuration, not the
             payload).
     """
@@ -1118,9 +1117,49 @@ def decode_meta(
                     max_size=max_size,
                     accept=accept_compression,
                 )
-            except ConfigurationError as exc:
+            except ConfigurationError as exc:  # the payload names it: the payload's fault
                 raise DecodeError(f"cannot decompress result payload: {exc}") from exc
-        meta = reg.decode(raw, ser.content_type, ser.content_encoding, accept=accept)
+        return reg.decode(raw, ser.content_type, ser.content_encoding, accept=accept)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise _malformed("result payload", exc) from exc
+
+
+def decode_meta(
+    data: bytes | bytearray | memoryview | str,
+    serializer: str = "json",
+    *,
+    accept: Any = None,
+    serializers: SerializerRegistry | None = None,
+    task_id: str | None = None,
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    accept_compression: Collection[str] | str | None = BUILTIN_METHODS,
+) -> ResultRecord:
+    """Parse a stored result payload (Redis/memcached value, SQL/Mongo ``result`` aside):
+    :func:`decode_payload`, then :func:`record_from_meta`.
+
+    Args:
+        data, serializer, accept, serializers, max_size, accept_compression: as for
+            :func:`decode_payload`.
+        task_id: the id, when the payload lacks ``task_id``.
+
+    Raises:
+        ContentDisallowed: ``serializer`` or the payload's compression is not accepted.
+        DecodeError: corrupt payload or not a result meta; any unexpected exception while
+            decoding is raised as one, chained.
+        ConfigurationError: unknown ``serializer`` (the reader's configuration, not the
+            payload).
+    """
+    meta = decode_payload(
+        data,
+        serializer,
+        accept=accept,
+        serializers=serializers,
+        max_size=max_size,
+        accept_compression=accept_compression,
+    )
+    try:
         return record_from_meta(meta, task_id)
     except SerializationError:
         raise

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from conveyor.core.base import check_id
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import TaskMessage, build_envelope
 from conveyor.core.errors import ConfigurationError, OperationalError
@@ -189,6 +190,9 @@ class App:
             options.setdefault("broker_url", self.broker_url)
             options.setdefault("reply_to", self.oid)
             options.setdefault("default_ttl", self.conf.result_expires)
+        if kind == "result_backend" and getattr(cls, "reads_compressed_results", False):
+            # The reader honours the same methods as the worker (compressed results).
+            options.setdefault("accept_compression", self.conf.accept_compression)
         return cls.from_url(url, **options)
 
     def _reply_queue_needed(self) -> bool:
@@ -511,7 +515,15 @@ class App:
                 or not 0 < limit < float("inf")
             ):
                 raise ConfigurationError(f"{what} must be a positive number of seconds: {limit!r}")
-        task_id = task_id or str(uuid.uuid4())
+        wants_result = not (
+            self.conf.task_ignore_result if ignore_result is None else ignore_result
+        )
+        if task_id is None:
+            task_id = str(uuid.uuid4())  # always storable: no check on the hot path
+        else:
+            task_id = self._check_id(task_id, "task id", wants_result)
+        if group_id is not None:
+            group_id = self._check_id(group_id, "group id", wants_result)
         message = TaskMessage(
             task=name,
             id=task_id,
@@ -526,9 +538,7 @@ class App:
             group=group_id,
             group_index=group_index,
             origin=self.origin,
-            ignore_result=bool(
-                self.conf.task_ignore_result if ignore_result is None else ignore_result
-            ),
+            ignore_result=not wants_result,
             reply_to=reply_to or self.oid,
             priority=int(priority or 0),
             headers=dict(headers or {}),
@@ -542,7 +552,28 @@ class App:
         if signer is not None:  # security_key set: sign body and headers (core/signing.py)
             envelope = signer.sign(envelope)
         target = queue or self.route(name, args, kwargs)
-        return envelope, target, delay or None, not message.ignore_result
+        return envelope, target, delay or None, wants_result
+
+    def _check_id(self, value: Any, what: str, wants_result: bool) -> str:
+        """``value`` if it can be a task or group id, else ``ConfigurationError`` now, at
+        publish, rather than a refusal at the worker. Every id: a non-empty ``str`` of valid
+        Unicode without NUL, at most :data:`~conveyor.core.base.MAX_ID_BYTES` bytes. When
+        the message wants a result, also what the result backend can hold (its
+        ``validate_task_id``: no I/O); a backend is not built for messages without one."""
+        checked = check_id(value, what)
+        if wants_result:
+            validate = getattr(self.backend, "validate_task_id", None)
+            if validate is not None:
+                try:
+                    validate(checked)
+                except ConfigurationError as exc:
+                    if what == "task id":
+                        raise
+                    # the backend's rules for task ids hold for group ids; say which it was
+                    raise ConfigurationError(
+                        f"{what} refused by the result backend: {exc}"
+                    ) from None
+        return checked
 
     def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
         """A handle on an existing task id."""

@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from conveyor.core.urls import mask_text
+
 __all__ = [
     "Figure",
     "Pair",
@@ -757,7 +759,7 @@ def run_pair(pair: Pair, settings: Settings) -> list[Figure]:
                         fig_of(row("result fetch", "ops/s", note=slow)).append(fetch)
                         log(f"    {lib} store {store:,.0f}/s, fetch {fetch:,.0f}/s")
             except Exception as exc:  # one failing library or server must not end the run
-                log(f"    {cls.lib}: FAILED {type(exc).__name__}: {exc}")
+                log(f"    {cls.lib}: FAILED {type(exc).__name__}: {mask_text(str(exc))}")
     return list(rows.values())
 
 

@@ -119,7 +119,7 @@ def _check_broker(url: str, rounds: int) -> tuple[list[Row], set[str], str]:
         broker.purge(queue)
     finally:
         broker.close()
-    caps = {c.value for c in type(broker).capabilities}
+    caps = {c.value for c in broker.capabilities}
     return [_row("publish", pub), _row("receive", rcv), _row("ack", ack)], caps, "broker"
 
 
@@ -148,6 +148,6 @@ def _check_backend(url: str, rounds: int) -> tuple[list[Row], set[str], str]:
             forget.append(t3 - t2)
     finally:
         backend.close()
-    caps = {c.value for c in type(backend).capabilities}
+    caps = {c.value for c in backend.capabilities}
     rows = [_row("store", store), _row("fetch", fetch), _row("forget", forget)]
     return rows, caps, "result backend"

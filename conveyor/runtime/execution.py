@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from conveyor.core.compression import BUILTIN_METHODS, DEFAULT_MAX_SIZE
 from conveyor.core.errors import DecodeError, SerializationError
 from conveyor.core.types import Envelope, State
+from conveyor.core.urls import mask_text
 from conveyor.runtime.exceptions import (
     NotRegistered,
     Reject,
@@ -76,11 +78,16 @@ def _format_tb(exc: BaseException) -> str:
 
 def describe(exc: BaseException, limit: int = 500) -> str:
     """``Type: message`` for logs and results; never raises (a hostile ``__str__`` may),
-    never longer than ``limit``, always valid UTF-8 (lone surrogates escaped)."""
+    never longer than ``limit``, always valid UTF-8 (lone surrogates escaped), secrets
+    masked (:func:`~conveyor.core.urls.mask_text`: a driver's error may quote a URL or a
+    password)."""
     try:
         text = f"{type(exc).__name__}: {exc}"
     except BaseException:
         text = f"{type(exc).__name__}: <unprintable>"
+    # Masked before it is cut (a cut could hide a secret from the masker), on a bounded
+    # prefix (masking is linear, but a huge message need not be read whole).
+    text = mask_text(text[: limit * 4])
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -113,6 +120,8 @@ def execute(
     request: Request,
     *,
     accept: Collection[str],
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    accept_compression: Collection[str] | None = BUILTIN_METHODS,
     timer: ThreadTimeLimits | None = None,
     hard_limit_here: bool = True,
 ) -> Outcome:
@@ -120,14 +129,20 @@ def execute(
     does (``SystemExit`` and ``KeyboardInterrupt`` included: they fail the task, not the
     worker).
 
+    ``max_size`` bounds the decompressed body (``worker_max_message_size``: decompression
+    stops there) and ``accept_compression`` names the methods a compressed body may use
+    (the worker's normalized ``accept_compression``); a body refused by either is
+    dead-lettered like any undecodable one.
+
     Time limits: the message's own (``apply_async(time_limit=..., soft_time_limit=...)``),
     else the task's, else the app's settings. In a main thread they are raised by SIGALRM,
     elsewhere by ``timer`` (none: not enforced here). ``hard_limit_here=False`` leaves the
     hard limit to the caller (the prefork parent kills the child instead).
     """
     limits = Limits(timer)
+    decoding = _Decoding(accept, max_size, accept_compression)
     try:
-        return _execute(app, envelope, request, accept, limits, hard_limit_here)
+        return _execute(app, envelope, request, decoding, limits, hard_limit_here)
     except BaseException as exc:
         limits.release()
         return failure(exc, f"error while running the task: {describe(exc)}")
@@ -135,18 +150,32 @@ def execute(
         limits.release()
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """What a message body may be: its content types, size and compression methods."""
+
+    accept: Collection[str]
+    max_size: int | None
+    accept_compression: Collection[str] | None
+
+
 def _execute(
     app: App,
     envelope: Envelope,
     request: Request,
-    accept: Collection[str],
+    decoding: _Decoding,
     limits: Limits,
     hard_limit_here: bool,
 ) -> Outcome:
     from conveyor.core.celery import parse_envelope
 
     try:
-        message = parse_envelope(envelope, accept=accept)
+        message = parse_envelope(
+            envelope,
+            accept=decoding.accept,
+            max_size=decoding.max_size,
+            accept_compression=decoding.accept_compression,
+        )
     except Exception as exc:  # any decoding failure is the message's fault: dead-letter it
         err = exc if isinstance(exc, SerializationError) else DecodeError(describe(exc))
         # value None: a message that cannot be decoded writes no result under the id it
@@ -236,12 +265,18 @@ def _execute(
 
 
 def inspect_envelope(
-    envelope: Envelope, *, max_size: int, signer: Any, accept: Collection[str]
+    envelope: Envelope,
+    *,
+    max_size: int,
+    signer: Any,
+    accept: Collection[str],
+    accept_compression: Collection[str] | None = BUILTIN_METHODS,
 ) -> str | tuple[str, str, datetime | None, float | None]:
     """What the worker reads before running a message: ``(task name, task id, expired at
     (None: not expired), seconds until its eta (None: no eta))``, or the reason to refuse
     it (too large, badly signed, unreadable). Never raises: a message that cannot be read,
-    whatever the exception, is refused."""
+    whatever the exception, is refused. A protocol v1 body (decoded here for its task name)
+    is bounded by ``max_size`` and ``accept_compression`` as in :func:`execute`."""
     from conveyor.core.celery import parse_envelope, peek
 
     try:
@@ -257,7 +292,12 @@ def inspect_envelope(
                 return f"refused: {describe(exc)}"
         name, task_id, eta, expires = peek(envelope)
         if name is None:  # protocol v1: the task's fields are in the body
-            message = parse_envelope(envelope, accept=accept)
+            message = parse_envelope(
+                envelope,
+                accept=accept,
+                max_size=max_size,
+                accept_compression=accept_compression,
+            )
             name, task_id, eta, expires = message.task, message.id, message.eta, message.expires
         if not isinstance(name, str) or not isinstance(task_id, str) or not task_id:
             raise DecodeError("the task name and id must be strings")

@@ -18,8 +18,10 @@ import contextlib
 import multiprocessing.connection
 import signal
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from conveyor.core.compression import BUILTIN_METHODS, DEFAULT_MAX_SIZE
 from conveyor.core.types import Envelope, State
 from conveyor.runtime.exceptions import TimeLimitExceeded, WorkerLostError
 from conveyor.runtime.execution import Outcome, describe, execute, failure
@@ -39,13 +41,26 @@ class Child:
         ctx: a multiprocessing context (``fork``).
         index: slot number, for the process name.
         accept: content types the child may decode.
+        max_size: the most bytes a body may decompress to (``worker_max_message_size``).
+        accept_compression: compression methods the child may decompress.
     """
 
-    def __init__(self, app: App, ctx: Any, index: int, accept: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: App,
+        ctx: Any,
+        index: int,
+        accept: tuple[str, ...],
+        *,
+        max_size: int | None = DEFAULT_MAX_SIZE,
+        accept_compression: Collection[str] | None = BUILTIN_METHODS,
+    ) -> None:
         self.app = app
         self.ctx = ctx
         self.index = index
         self.accept = accept
+        self.max_size = max_size
+        self.accept_compression = accept_compression
         self.proc: Any = None
         self.conn: Any = None
         self._spawn()
@@ -53,10 +68,13 @@ class Child:
     def _spawn(self) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         app, accept = self.app, self.accept
+        max_size, accept_compression = self.max_size, self.accept_compression
 
         def run() -> None:
             parent_end.close()
-            child_main(app, child_end, accept)
+            child_main(
+                app, child_end, accept, max_size=max_size, accept_compression=accept_compression
+            )
 
         self.proc = self.ctx.Process(target=run, name=f"conveyor-child-{self.index}", daemon=True)
         self.proc.start()
@@ -130,7 +148,12 @@ def lost(reason: str) -> Outcome:
 
 
 def child_main(
-    app: App, conn: multiprocessing.connection.Connection, accept: tuple[str, ...]
+    app: App,
+    conn: multiprocessing.connection.Connection,
+    accept: tuple[str, ...],
+    *,
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    accept_compression: Collection[str] | None = BUILTIN_METHODS,
 ) -> None:
     """Loop of a prefork child: receive (envelope, request), execute, send the outcome."""
     # The parent decides when children stop: a signal to the whole process group (systemd,
@@ -147,7 +170,15 @@ def child_main(
         if job is None:
             return
         envelope, request = job
-        outcome = execute(app, envelope, request, accept=accept, hard_limit_here=False)
+        outcome = execute(
+            app,
+            envelope,
+            request,
+            accept=accept,
+            max_size=max_size,
+            accept_compression=accept_compression,
+            hard_limit_here=False,
+        )
         try:
             conn.send(outcome)
         except OSError:

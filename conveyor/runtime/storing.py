@@ -176,14 +176,14 @@ class ResultWriter:
                 if time.monotonic() >= give_up:
                     raise StoreGaveUp(
                         f"storing the result of {show(record.task_id)} still fails after "
-                        f"{self.hold_max:.0f}s ({exc})"
+                        f"{self.hold_max:.0f}s ({describe(exc)})"
                     ) from exc
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning(
                         "storing the result of %s failed (%s); retry %d in %.1fs, the message "
                         "stays held",
                         show(record.task_id),
-                        exc,
+                        describe(exc),
                         attempt,
                         delay,
                     )

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.core.capabilities import Capability
+from conveyor.core.compression import normalize_accept_compression
 from conveyor.core.errors import (
     ConveyorError,
     InvalidReceipt,
@@ -139,6 +140,9 @@ class Worker:
         self.shutdown_timeout = float(conf.worker_shutdown_timeout)
         accept = conf.accept_content
         self.accept = tuple([accept] if isinstance(accept, str) else accept)
+        # Normalized once here: every decode checks a compressed body against this set and
+        # stops decompressing at max_message_size (a bomb never inflates past it).
+        self.accept_compression = normalize_accept_compression(conf.accept_compression)
         self.result_ttl = conf.result_expires
         # security_key set: refuse unsigned or badly signed deliveries before decoding them.
         self.signer = signer_from_config(conf.security_key)
@@ -226,7 +230,11 @@ class Worker:
                     raise
                 of = f" of {int(limit)}" if limit is not None else ""
                 log.error(
-                    "cannot reach the broker (%s); retry %d%s in %.1fs", exc, attempt, of, backoff
+                    "cannot reach the broker (%s); retry %d%s in %.1fs",
+                    describe(exc),
+                    attempt,
+                    of,
+                    backoff,
                 )
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -304,7 +312,14 @@ class Worker:
         elif self.pool == "prefork":
             ctx = multiprocessing.get_context("fork")
             for i in range(self.concurrency):
-                child = Child(self.app, ctx, i, self.accept)
+                child = Child(
+                    self.app,
+                    ctx,
+                    i,
+                    self.accept,
+                    max_size=self.max_message_size,
+                    accept_compression=self.accept_compression,
+                )
                 self._children.append(child)
                 runners.append(functools.partial(_run_in_child, child))
         for i, runner in enumerate(runners):
@@ -340,7 +355,7 @@ class Worker:
                 backoff = 0.1
             except Exception as exc:  # transient, or a broker bug: never the worker's end
                 if isinstance(exc, OperationalError):
-                    log.error("receive failed (%s); retrying in %.1fs", exc, backoff)
+                    log.error("receive failed (%s); retrying in %.1fs", describe(exc), backoff)
                 else:
                     log.exception("receive failed unexpectedly; retrying in %.1fs", backoff)
                 self._stopping.wait(backoff)
@@ -394,7 +409,7 @@ class Worker:
             log.error(
                 "transient failure handling message %s (%s); giving it back",
                 show(delivery.envelope.id),
-                exc,
+                describe(exc),
             )
             self._reject(delivery, requeue=True)
             self._note_transient()
@@ -451,7 +466,7 @@ class Worker:
                             show(delivery.envelope.id),
                         )
                 except OperationalError as exc:
-                    log.warning("lease extension failed (%s); will retry", exc)
+                    log.warning("lease extension failed (%s); will retry", describe(exc))
                     break
                 except Exception:
                     log.exception("lease extension failed unexpectedly; will retry")
@@ -486,7 +501,9 @@ class Worker:
             try:
                 deleted = self.app.backend.purge_expired()
             except ConveyorError as exc:
-                log.warning("expired-result sweep failed (%s); next in %.0fs", exc, interval)
+                log.warning(
+                    "expired-result sweep failed (%s); next in %.0fs", describe(exc), interval
+                )
                 continue
             if deleted:
                 log.info("deleted %d expired result rows", deleted)
@@ -554,7 +571,7 @@ class Worker:
                 "could not %s message %s (%s): it will be delivered again",
                 what,
                 show(delivery.envelope.id),
-                exc,
+                describe(exc),
             )
             self._note_transient()
         except Exception:
@@ -566,7 +583,9 @@ class Worker:
                 try:
                     self.app.broker.ack(delivery)
                 except Exception as exc:
-                    log.error("ack of %s failed too (%s)", show(delivery.envelope.id), exc)
+                    log.error(
+                        "ack of %s failed too (%s)", show(delivery.envelope.id), describe(exc)
+                    )
 
     # ---- handling one delivery
     def _process(self, delivery: Delivery, run: Runner | None = None) -> None:
@@ -593,7 +612,13 @@ class Worker:
 
     def _run_here(self, delivery: Delivery, request: Request, task: Task) -> Outcome:
         outcome = execute(
-            self.app, delivery.envelope, request, accept=self.accept, timer=self._timer
+            self.app,
+            delivery.envelope,
+            request,
+            accept=self.accept,
+            max_size=self.max_message_size,
+            accept_compression=self.accept_compression,
+            timer=self._timer,
         )
         if request.timelimit[0] is not None and not self._hard_limit_warned:
             self._warn_hard_limit()  # a per-message limit, unknown at start
@@ -625,7 +650,11 @@ class Worker:
             request = Request(id="", task="", delivery_info={"routing_key": delivery.queue})
         request.hostname = self.hostname
         peeked = inspect_envelope(
-            env, max_size=self.max_message_size, signer=self.signer, accept=self.accept
+            env,
+            max_size=self.max_message_size,
+            signer=self.signer,
+            accept=self.accept,
+            accept_compression=self.accept_compression,
         )
         if isinstance(peeked, str):
             # No result: the id a refused message claims may not be its sender's to write.
@@ -809,7 +838,7 @@ class Worker:
                 record = self.results.record(request, State.FAILURE, stored_value, reason)
                 self.results.store(record)
             except StoreGaveUp as gave_up:  # dead-letter it all the same: never a loop
-                log.error("%s; dead-lettering it without a result", gave_up)
+                log.error("%s; dead-lettering it without a result", describe(gave_up))
         if not acked:
             self._reject(delivery, requeue=False, reason=reason)
 

@@ -130,7 +130,9 @@ def skip_reason(test: Any, declared: frozenset[Capability]) -> str | None:
 
 
 def _caps(backend: Any) -> frozenset[Capability]:
-    caps: frozenset[Capability] = getattr(type(backend), "capabilities", frozenset())
+    # The instance's set: an instance may declare less than its class (SQLite :memory: is
+    # neither durable nor cross-process).
+    caps: frozenset[Capability] = getattr(backend, "capabilities", frozenset())
     return caps
 
 

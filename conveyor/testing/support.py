@@ -109,9 +109,9 @@ def requirement_missing(reason: str) -> NoReturn:
 
 def service_unavailable(service: str, url: str, error: BaseException | str) -> NoReturn:
     """Skip (locally) or fail (CI) because ``service`` at ``url`` is not reachable."""
-    from conveyor.core.urls import mask_url
+    from conveyor.core.urls import mask_text, mask_url
 
-    reason = f"{service} not reachable at {mask_url(url)}: {error}"
+    reason = f"{service} not reachable at {mask_url(url)}: {mask_text(str(error))}"
     if services_required():
         pytest.fail(f"{reason} (CI=true or CONVEYOR_REQUIRE_SERVICES=1: servers are required)")
     pytest.skip(reason)

@@ -90,10 +90,13 @@ How it works (``docs/backends/amqp.md`` has the details):
   no queue argument is needed, so the queue stays equivalent to Celery's. A copy RabbitMQ
   cannot take (headers past ``frame_max``) is replaced by one without the original headers
   (their text in ``x-conveyor-original``); only a transient failure raises. With
-  ``dead_letter="dlx"`` queues are declared with ``x-dead-letter-exchange=""`` and
-  ``x-dead-letter-routing-key=<q>.dead`` and RabbitMQ moves the message (declare the same on
-  the Celery side); RabbitMQ then records only ``x-death`` (reason ``rejected``), not the
-  reason text, which is logged.
+  ``dead_letter="dlx"`` queues are also declared with ``x-dead-letter-exchange=""`` and
+  ``x-dead-letter-routing-key=<q>.dead`` (declare the same on the Celery side), so what
+  RabbitMQ dead-letters itself (``delivery_limit`` on quorum queues, expired messages, a
+  Celery worker's rejects) lands in ``<q>.dead`` natively, with ``x-death``. conveyor's own
+  ``reject`` still publishes the copy with the reason and acks, as in the default mode:
+  RabbitMQ's move cannot carry a reason (it records only ``x-death``: "rejected"), and the
+  reason is what the contract promises wherever ``dead_letter`` is declared.
 * **Delivery counts**: quorum queues count (``x-delivery-count``). Classic queues do not, so
   conveyor does, in the message: a delivery that RabbitMQ marks ``redelivered`` is not handed
   out; ``receive`` publishes a copy to the same queue with the header
@@ -169,7 +172,7 @@ from conveyor.core.errors import (
 )
 from conveyor.core.options import build_options
 from conveyor.core.types import Delivery, Envelope
-from conveyor.core.urls import mask_url, parse_url, split_alternates
+from conveyor.core.urls import mask_text, mask_url, parse_url, split_alternates
 from conveyor.transports._common import (
     DEAD_LETTER_REASON_HEADER,
     DEAD_LETTER_SOURCE_HEADER,
@@ -324,7 +327,8 @@ class AMQPBrokerOptions(AMQPConnectionOptions):
             :meth:`AMQPBroker.from_url` then returns an :class:`AMQPPriorityBroker`.
         queue_type: ``classic`` (Celery's default) or ``quorum`` (``x-queue-type``).
         dead_letter: ``publish`` (copy to ``<q>.dead`` then ack; no queue argument) or
-            ``dlx`` (queue arguments ``x-dead-letter-exchange``/``-routing-key``).
+            ``dlx`` (also the queue arguments ``x-dead-letter-exchange``/``-routing-key``,
+            for what RabbitMQ dead-letters itself; ``reject`` still publishes the copy).
         delivery_limit: quorum queues only: ``x-delivery-limit`` (RabbitMQ drops, or with
             ``dlx`` dead-letters, a message returned more often).
         consumer_timeout: the server's ``consumer_timeout`` in seconds, only used to warn
@@ -426,7 +430,9 @@ def parse_amqp_url(url: str) -> tuple[list[AMQPEndpoint], dict[str, str]]:
 
 def redact_url(url: str) -> str:
     """:func:`~conveyor.core.urls.mask_url`, and the user name masked too where it equals the
-    password (``guest:guest``): printing it would print the password."""
+    password of any of the URL's endpoints (``guest:guest``): printing it would print the
+    password. (mask_url alone reads ``;``-joined alternates with a raw ``;`` in a password
+    as one URL, and would show the user name of the first one.)"""
     masked = mask_url(url)
     try:
         endpoints = parse_amqp_url(url)[0] if url else []
@@ -645,7 +651,7 @@ def _fix_pika_decoding() -> bool:
             return result
         except Exception as exc:  # RecursionError, struct.error, an unknown field type...
             end = offset + 4 + struct.unpack_from(">I", encoded, offset)[0]
-            return {_UNDECODABLE_TABLE: f"{type(exc).__name__}: {exc}"[:200]}, end
+            return {_UNDECODABLE_TABLE: f"{type(exc).__name__}: {_said(exc)}"[:200]}, end
 
     decode_value.__conveyor_fix__ = True  # type: ignore[attr-defined]
     decode_table.__conveyor_fix__ = True  # type: ignore[attr-defined]
@@ -715,7 +721,8 @@ def translate_error(exc: BaseException, where: str = "RabbitMQ") -> ConveyorErro
     inner = _unwrap(exc)
     errors = pika.exceptions
     if isinstance(inner, errors.ChannelClosedByBroker):
-        text = f"{where}: RabbitMQ closed the channel: {inner.reply_code} {inner.reply_text}"
+        said = mask_text(str(inner.reply_text))
+        text = f"{where}: RabbitMQ closed the channel: {inner.reply_code} {said}"
         if inner.reply_code == 404:
             return QueueNotFound(text)
         if inner.reply_code in (403, 406):
@@ -730,10 +737,13 @@ def translate_error(exc: BaseException, where: str = "RabbitMQ") -> ConveyorErro
         ),
     ):
         return ConfigurationError(
-            f"{where}: RabbitMQ refused the login or the vhost ({type(inner).__name__}): {inner}"
+            f"{where}: RabbitMQ refused the login or the vhost ({type(inner).__name__}): "
+            f"{_said(inner)}"
         )
     if isinstance(inner, errors.ConnectionClosedByBroker) and inner.reply_code in (403, 530):
-        return ConfigurationError(f"{where}: RabbitMQ refused access: {inner.reply_text}")
+        return ConfigurationError(
+            f"{where}: RabbitMQ refused access: {mask_text(str(inner.reply_text))}"
+        )
     if isinstance(inner, workflow.AMQPConnectorStackTimeout):
         return OperationTimeout(f"{where}: connecting timed out")
     if isinstance(
@@ -746,11 +756,16 @@ def translate_error(exc: BaseException, where: str = "RabbitMQ") -> ConveyorErro
             OSError,
         ),
     ):
-        detail = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+        detail = f"{type(inner).__name__}: {_said(inner)}" if str(inner) else type(inner).__name__
         return ConnectionLost(f"{where}: {detail}")
     if isinstance(inner, errors.AMQPError):
-        return OperationalError(f"{where}: {type(inner).__name__}: {inner}")
-    return OperationalError(f"{where}: {type(exc).__name__}: {exc}")
+        return OperationalError(f"{where}: {type(inner).__name__}: {_said(inner)}")
+    return OperationalError(f"{where}: {type(exc).__name__}: {_said(exc)}")
+
+
+def _said(exc: BaseException) -> str:
+    """A driver's or socket's error text, masked (it may quote connection parameters)."""
+    return mask_text(str(exc))
 
 
 class _QuietProbes(logging.Filter):
@@ -1282,7 +1297,7 @@ class AMQPLink:
         try:
             conn.channel(on_open_callback=lambda ch: self._on_channel_open(name, ch))
         except pika.exceptions.AMQPError as exc:  # connection closing: the close callback follows
-            log.debug("%s: cannot open channel %s: %s", self.name, name, exc)
+            log.debug("%s: cannot open channel %s: %s", self.name, name, _said(exc))
 
     def _on_channel_open(self, name: str, channel: Any) -> None:
         if self._conn is None or self._closing:
@@ -1587,7 +1602,7 @@ class AMQPLink:
                 RecursionError,
                 struct.error,
             ) as exc:
-                batch.fail(EncodeError(f"message cannot be sent over AMQP: {exc}"))
+                batch.fail(EncodeError(f"message cannot be sent over AMQP: {_said(exc)}"))
                 return
             except pika.exceptions.AMQPError as exc:
                 batch.fail(_LinkDown(translate_error(exc, "publish")))
@@ -2217,12 +2232,12 @@ class AMQPBroker(BrokerBase):
         except _Nacked as exc:
             # The queue takes no publish now (full, reject-publish): requeueing would spin on
             # it. Hand it out uncounted this once.
-            log.warning("cannot count a redelivery of %r now: %s", delivery.queue, exc)
+            log.warning("cannot count a redelivery of %r now: %s", delivery.queue, _said(exc))
             delivery.receipt.special = None
             return True
         except OperationalError as exc:
             log.warning("could not re-publish a redelivery of %r to count it (given back "
-                        "to RabbitMQ): %s", delivery.queue, exc)  # fmt: skip
+                        "to RabbitMQ): %s", delivery.queue, _said(exc))  # fmt: skip
             self._settle_quietly(delivery, "requeue")
         except ConveyorError as exc:
             # Its headers cannot take the count (frame_max): handed out, it could loop without
@@ -2255,11 +2270,11 @@ class AMQPBroker(BrokerBase):
         try:
             self._publish_copy(stand_in, self.dead_letter_queue(queue))
         except OperationalError as exc:
-            log.warning("could not dead-letter it now (given back to RabbitMQ): %s", exc)
+            log.warning("could not dead-letter it now (given back to RabbitMQ): %s", _said(exc))
             self._settle_quietly(delivery, "requeue")
             return
         except ConveyorError as exc:  # a dead-letter queue name RabbitMQ cannot take
-            log.error("could not dead-letter it: %s; it is dropped", exc)
+            log.error("could not dead-letter it: %s; it is dropped", _said(exc))
         self._settle_quietly(delivery, "ack")
 
     def _ack_processed(self, delivery: Delivery) -> None:
@@ -2278,7 +2293,7 @@ class AMQPBroker(BrokerBase):
             op = self._op_barrier(prefetch)
             self._link.run_op(op, self._deadline())
         except (ConveyorError, _LinkDown) as exc:
-            log.info("ack of a counted redelivery not confirmed: %s", exc)
+            log.info("ack of a counted redelivery not confirmed: %s", _said(exc))
 
     @staticmethod
     def _op_barrier(prefetch: int) -> Op[None]:
@@ -2487,7 +2502,7 @@ class AMQPBroker(BrokerBase):
         return True
 
     def _send_settle(self, receipt: _Receipt, delivery: Delivery, action: str) -> None:
-        """Send ack / requeue-reject / drop-reject for a SETTLING receipt (I/O thread)."""
+        """Send ack or requeue-reject for a SETTLING receipt (I/O thread)."""
 
         def io() -> bool:
             channel = self._link.channel("con")
@@ -2559,14 +2574,14 @@ class AMQPBroker(BrokerBase):
         try:
             channel.basic_ack(receipt.tag)
         except Exception as exc:  # closing under us: the same as dropped
-            log.info("ack of delivery tag %d dropped: %s", receipt.tag, exc)
+            log.info("ack of delivery tag %d dropped: %s", receipt.tag, _said(exc))
 
     def reject(self, delivery: Delivery, *, requeue: bool = False, reason: str = "") -> None:
         """Give a delivery back (``requeue=True``) or dead-letter it. Idempotent.
 
         Dead-lettering publishes a copy to ``<queue>.dead`` with the ``reason`` and source
-        queue in headers, waits for its confirm, then acks (``dead_letter="dlx"``: RabbitMQ
-        moves the message itself and records ``x-death``).
+        queue in headers, waits for its confirm, then acks; with ``dead_letter="dlx"`` too
+        (RabbitMQ's own move could not record the reason; see the module docstring).
 
         Raises:
             InvalidReceipt: as for :meth:`ack`.
@@ -2578,10 +2593,6 @@ class AMQPBroker(BrokerBase):
                 return
         if requeue:
             self._send_settle(receipt, delivery, "requeue")
-            return
-        if self._uses_dlx(delivery.queue):
-            log.info("dead-lettering %s through RabbitMQ's DLX: %s", delivery.envelope.id, reason)
-            self._send_settle(receipt, delivery, "drop")
             return
         try:
             self._publish_dead(delivery, clean_reason(reason))
@@ -2608,7 +2619,9 @@ class AMQPBroker(BrokerBase):
         except OperationalError:
             raise
         except ConveyorError as exc:
-            log.error("dead letter of %s refused (%s): keeping its body only", envelope.id, exc)
+            log.error(
+                "dead letter of %s refused (%s): keeping its body only", envelope.id, _said(exc)
+            )
         original = clean_text(repr(dict(envelope.headers)), MAX_ORIGINAL_CHARS)
         headers = {
             DEAD_LETTER_REASON_HEADER: reason,
@@ -2620,7 +2633,7 @@ class AMQPBroker(BrokerBase):
         except OperationalError:
             raise
         except ConveyorError as exc:
-            log.error("cannot dead-letter %s (%s): it is dropped", envelope.id, exc)
+            log.error("cannot dead-letter %s (%s): it is dropped", envelope.id, _said(exc))
 
     def _publish_copy(self, envelope: Envelope, queue: str) -> None:
         _check_name(queue.removesuffix(DEAD_LETTER_SUFFIX))

@@ -53,7 +53,7 @@ import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, ClassVar
@@ -74,8 +74,11 @@ from conveyor.transports._common import (
     DEAD_LETTER_SOURCE_HEADER,
     DEAD_LETTER_SUFFIX,
     EXACT_MS_MAX_DELAY,
+    MAX_ORIGINAL_CHARS,
+    ORIGINAL_HEADER,
     check_delay,
     clean_reason,
+    clean_text,
 )
 
 __all__ = [
@@ -121,6 +124,16 @@ class _Message:
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
         self.deliveries = 0
+
+
+def _headers_of(envelope: Envelope) -> dict[str, Any]:
+    """The headers to keep on a dead letter: a copy of the map, or, when the publisher put
+    something else there, that thing's text under :data:`ORIGINAL_HEADER` (dead-lettering
+    never fails on it)."""
+    headers: Any = envelope.headers
+    if isinstance(headers, Mapping):
+        return dict(headers)
+    return {ORIGINAL_HEADER: clean_text(headers, MAX_ORIGINAL_CHARS)}
 
 
 class _Queue:
@@ -528,20 +541,21 @@ class MemoryBroker(BrokerBase):
                 raise InvalidReceipt(f"lease on message {delivery.envelope.id!r} was lost")
             if receipt.state != _HELD:
                 return
-            store._settle(receipt, _REJECTED)
             message = receipt.message
+            if not requeue:  # built before settling: nothing below may fail half-way
+                envelope = message.envelope
+                headers = {
+                    **_headers_of(envelope),
+                    DEAD_LETTER_REASON_HEADER: clean_reason(reason),
+                    DEAD_LETTER_SOURCE_HEADER: receipt.queue.name,
+                }
+                dead = _Message(dataclasses.replace(envelope, headers=headers))
+            store._settle(receipt, _REJECTED)
             if requeue:
                 target = receipt.queue
                 target.ready[message.envelope.priority].appendleft(message)
                 target.mask |= 1 << message.envelope.priority
             else:
-                envelope = message.envelope
-                headers = {
-                    **envelope.headers,
-                    DEAD_LETTER_REASON_HEADER: clean_reason(reason),
-                    DEAD_LETTER_SOURCE_HEADER: receipt.queue.name,
-                }
-                dead = _Message(dataclasses.replace(envelope, headers=headers))
                 # The dead-letter queue of a 200-character name is longer than a user name
                 # may be; it is created internally, so skip validation rather than refuse.
                 name = receipt.queue.name + DEAD_LETTER_SUFFIX

@@ -105,7 +105,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 from urllib.parse import unquote_plus
 
-from bson.errors import BSONError
+from bson.errors import BSONError, InvalidBSON
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo import errors as mongo_errors
 from pymongo.collection import Collection
@@ -126,7 +126,7 @@ from conveyor.core.errors import (
 )
 from conveyor.core.options import build_options, closest
 from conveyor.core.types import Delivery, Envelope
-from conveyor.core.urls import mask_url, parse_url
+from conveyor.core.urls import mask_text, mask_url, parse_url
 from conveyor.transports._common import (
     DEAD_LETTER_REASON_HEADER,
     DEAD_LETTER_SOURCE_HEADER,
@@ -278,7 +278,7 @@ def _check_driver_options(url: str, query: str, names: frozenset[str]) -> None:
     try:
         split_options(query, validate=True, warn=False)
     except (mongo_errors.ConfigurationError, ValueError, TypeError) as exc:
-        raise ConfigurationError(f"{mask_url(url)!r}: {mask_url(str(exc))}") from None
+        raise ConfigurationError(f"{mask_url(url)!r}: {mask_text(str(exc))}") from None
 
 
 def driver_defaults(
@@ -323,18 +323,22 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
       (``InvalidOperation``) -> :class:`ConnectionLost`;
     * socket or server time limits (``NetworkTimeout``, ``ExecutionTimeout``,
       ``WTimeoutError``, CSOT timeouts) -> :class:`OperationTimeout`;
-    * documents BSON cannot hold or that exceed 16 MiB -> :class:`EncodeError`;
+    * documents BSON cannot hold or that exceed 16 MiB, text that is not valid Unicode
+      (``UnicodeEncodeError``) -> :class:`EncodeError`;
+    * stored documents that cannot be read (``InvalidBSON``: a date out of range, bad
+      UTF-8; ``UnicodeDecodeError``) -> :class:`DecodeError`;
     * bad URI or client options, authentication and permission failures, index conflicts
       -> :class:`ConfigurationError` (:class:`InvalidURL` for the URI);
     * any other server error -> :class:`OperationalError`.
 
-    The message names the operation, the masked URL and the driver's first line (never a
-    password: every text goes through :func:`mask_url`). Callers chain it:
+    Classified by exception class and server error code, never by message text. The
+    message names the operation, the masked URL and the driver's first line (never a
+    password: every text goes through :func:`mask_text`). Callers chain it:
     ``raise translate_error(exc, ...) from exc``.
     """
     where = f"{what} on {mask_url(url)}"
     first = (str(exc).strip().splitlines() or [""])[0][:500]
-    detail = mask_url(first) or type(exc).__name__
+    detail = mask_text(first) or type(exc).__name__
     if isinstance(exc, mongo_errors.ServerSelectionTimeoutError):
         return ConnectionLost(f"{where}: no server reachable: {detail}")
     timeouts = (
@@ -350,6 +354,10 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
         return ConnectionLost(f"{where}: connection lost: {detail}")
     if isinstance(exc, mongo_errors.InvalidOperation):
         return ConnectionLost(f"{where}: the client is closed: {detail}")
+    if isinstance(exc, InvalidBSON | UnicodeDecodeError):  # reading, not storing
+        return DecodeError(f"{where}: a stored document cannot be read: {detail}")
+    if isinstance(exc, UnicodeEncodeError):  # BSON strings are UTF-8: a lone surrogate
+        return EncodeError(f"{where}: BSON cannot hold the text: {detail}")
     if isinstance(exc, BSONError | mongo_errors.DocumentTooLarge | OverflowError):
         return EncodeError(f"{where}: the document cannot be stored: {detail}")
     if isinstance(exc, mongo_errors.InvalidURI):
@@ -364,6 +372,11 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
             return ConfigurationError(f"{where}: {detail} (code {code})")
         return OperationalError(f"{where}: {detail} (code {code})")
     return OperationalError(f"{where}: {detail}")
+
+
+#: What a driver call may raise that :func:`translate_error` maps (``UnicodeError``: BSON
+#: encodes and decodes strings as UTF-8).
+_DRIVER_ERRORS = (mongo_errors.PyMongoError, BSONError, OverflowError, UnicodeError)
 
 
 def _now() -> datetime:
@@ -584,7 +597,9 @@ class MongoDBBroker(BrokerBase):
         except (mongo_errors.PyMongoError, ValueError, TypeError) as exc:
             if isinstance(exc, mongo_errors.PyMongoError):
                 raise translate_error(exc, what="create client", url=url) from exc
-            raise ConfigurationError(f"bad MongoDB URL {mask_url(url)!r}: {exc}") from None
+            raise ConfigurationError(
+                f"bad MongoDB URL {mask_url(url)!r}: {mask_text(str(exc))}"
+            ) from None
         try:
             return cls(client, opts, url=url, _owns_client=True)
         except BaseException:
@@ -608,7 +623,7 @@ class MongoDBBroker(BrokerBase):
         self._check_open()
         try:
             yield
-        except (mongo_errors.PyMongoError, BSONError, OverflowError) as exc:
+        except _DRIVER_ERRORS as exc:
             if self._closed:
                 raise ConnectionLost(f"{self!r} is closed") from exc
             raise translate_error(exc, what=what, url=self.url) from exc
@@ -665,8 +680,6 @@ class MongoDBBroker(BrokerBase):
             ) from exc
         if not isinstance(envelope.body, bytes | bytearray | memoryview):
             raise EncodeError(f"body of {envelope.id!r} must be bytes")
-        if not isinstance(envelope.id, str):
-            raise ConfigurationError(f"an envelope id must be a string, got {envelope.id!r:.80}")
         now = _now()
         due = now
         if delay is not None and delay > 0:
@@ -745,7 +758,7 @@ class MongoDBBroker(BrokerBase):
                     inserted = int(exc.details.get("nInserted", 0))
                     raise OperationalError(
                         f"publish_many to {queue!r} on {mask_url(self.url)}: only "
-                        f"{done + inserted} message(s) were accepted: {exc}"
+                        f"{done + inserted} message(s) were accepted: {mask_text(str(exc))}"
                     ) from exc
         except (ConnectionLost, OperationTimeout) as exc:
             raise type(exc)(

@@ -154,7 +154,14 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.serializers import kombu_json_load, kombu_json_text
 from conveyor.core.types import Delivery, Envelope
-from conveyor.core.urls import ParsedURL, mask_url, parse_url, scheme_of, split_alternates
+from conveyor.core.urls import (
+    ParsedURL,
+    mask_text,
+    mask_url,
+    parse_url,
+    scheme_of,
+    split_alternates,
+)
 from conveyor.transports._common import (
     DEAD_LETTER_REASON_HEADER,
     DEAD_LETTER_SOURCE_HEADER,
@@ -171,11 +178,13 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "DEAD_LETTER_SOURCE_HEADER",
     "DEAD_LETTER_SUFFIX",
+    "TRANSIENT_REPLIES",
     "RedisBroker",
     "RedisBrokerOptions",
     "RedisConnectionOptions",
     "connect",
     "redis_errors",
+    "reply_code",
 ]
 
 log = logging.getLogger("conveyor.transports.redis")
@@ -232,7 +241,7 @@ class RedisConnectionOptions:
     retry_backoff_cap: float = 1.0
     client_name: str | None = None
     master_name: str | None = None
-    sentinel_kwargs: dict[str, Any] | None = None
+    sentinel_kwargs: dict[str, Any] | None = field(default=None, repr=False)  # a password
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     ssl_cert_reqs: str | None = None
@@ -317,25 +326,78 @@ def _cert_reqs(value: str) -> str:
 # =============================================================================== errors
 
 
+#: Error replies (Redis's error code: the reply's first word) that a retry may outlive: a
+#: server loading its data or busy in a script, a failover or cluster change under way,
+#: memory or disk full, a script cache flushed by a restart, a transaction discarded for one
+#: of these. Any other error reply is the request's own fault: the same request fails the
+#: same way again (WRONGTYPE, ERR ..., CROSSSLOT, NOPERM).
+TRANSIENT_REPLIES = frozenset(
+    {
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "READONLY",
+        "OOM",
+        "MISCONF",
+        "CLUSTERDOWN",
+        "NOSCRIPT",
+        "EXECABORT",
+    }
+)
+
+
+def reply_code(exc: BaseException) -> str | None:
+    """The error code of a Redis error reply (``WRONGTYPE``, ``ERR``, ``BUSY``...): the code
+    redis-py parsed (``status_code``) or else the reply's first word when it is one (an
+    upper-case word); None when there is none. A code, never the message's wording."""
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code:
+        return code
+    first = str(exc).split(" ", 1)[0]
+    return first if first.isalpha() and first.isupper() else None
+
+
 @contextlib.contextmanager
-def redis_errors(what: str, url: str) -> Iterator[None]:
+def redis_errors(what: str, url: str, *, reading: bool = False) -> Iterator[None]:
     """Translate redis-py's exceptions into conveyor's tree: the ONE place that does it.
 
-    Connection failures, a READONLY reply (a replica after a failover) and a server loading
-    its data are :class:`ConnectionLost`; timeouts :class:`OperationTimeout`; refused
-    credentials or ACL permissions :class:`ConfigurationError`; any other server error
-    :class:`OperationalError`. The URL in messages is masked; the cause is chained.
+    Transient (a retry may succeed): connection failures, a READONLY reply (a replica after
+    a failover) and a server loading its data are :class:`ConnectionLost`; timeouts
+    :class:`OperationTimeout`; the other error replies of :data:`TRANSIENT_REPLIES` and
+    redis-py's own protocol errors :class:`OperationalError`. Not transient: refused
+    credentials or ACL permissions, an argument redis-py refuses (``DataError``) and every
+    other error reply (``WRONGTYPE``, ``ERR ...``: classified by :func:`reply_code`) are
+    :class:`ConfigurationError`, or :class:`DecodeError` when ``reading`` (what is stored
+    is not what the reader expects). Messages are masked; the cause is chained.
     """
     try:
         yield
     except (rexc.AuthenticationError, rexc.AuthorizationError, rexc.NoPermissionError) as exc:
-        raise ConfigurationError(f"{what} on {mask_url(url)}: refused: {exc}") from exc
+        raise ConfigurationError(f"{what} on {mask_url(url)}: refused: {_text(exc)}") from exc
     except rexc.TimeoutError as exc:
-        raise OperationTimeout(f"{what} on {mask_url(url)}: timed out: {exc}") from exc
+        raise OperationTimeout(f"{what} on {mask_url(url)}: timed out: {_text(exc)}") from exc
     except (rexc.ConnectionError, rexc.ReadOnlyError, rexc.BusyLoadingError) as exc:
-        raise ConnectionLost(f"{what} on {mask_url(url)}: {exc}") from exc
-    except rexc.RedisError as exc:
-        raise OperationalError(f"{what} on {mask_url(url)}: {exc}") from exc
+        raise ConnectionLost(f"{what} on {mask_url(url)}: {_text(exc)}") from exc
+    except rexc.DataError as exc:  # redis-py refused an argument before sending anything
+        raise ConfigurationError(
+            f"{what} on {mask_url(url)}: redis-py refused an argument: {_text(exc)}"
+        ) from exc
+    except rexc.ResponseError as exc:
+        code = reply_code(exc)
+        if code in TRANSIENT_REPLIES:
+            raise OperationalError(f"{what} on {mask_url(url)}: {_text(exc)}") from exc
+        refused = DecodeError if reading else ConfigurationError
+        raise refused(
+            f"{what} on {mask_url(url)}: the server refused it ({code or 'error reply'}): "
+            f"{_text(exc)}"
+        ) from exc
+    except rexc.RedisError as exc:  # protocol and pub/sub errors of redis-py itself
+        raise OperationalError(f"{what} on {mask_url(url)}: {_text(exc)}") from exc
+
+
+def _text(exc: BaseException) -> str:
+    return mask_text(str(exc))
 
 
 # =========================================================================== connections

@@ -398,6 +398,15 @@ class SQLAlchemyBroker(BrokerBase):
                 engine=engine,
             )
         self._db = _database
+        if self._db.memory:
+            # SQLite :memory: lives in this process: nothing survives it and no other process
+            # sees it. The instance says so (the suites, the worker and `conveyor check` read
+            # the instance's set); the class keeps what the other databases give.
+            object.__setattr__(
+                self,
+                "capabilities",
+                type(self).capabilities - {Capability.DURABLE, Capability.CROSS_PROCESS},
+            )
         self.url = _url or f"sqla+{self._db.engine.url.render_as_string(hide_password=True)}"
         self._metadata = sa.MetaData()
         self._table = message_table(

@@ -1,8 +1,10 @@
 """The broker conformance suite against RabbitMQ (tox env ``amqp``).
 
-Three configurations: the default one (exactly Celery's declarations: no priority, so the
+Four configurations: the default one (exactly Celery's declarations: no priority, so the
 suite checks that priorities are refused), ``max_priority=9`` (:class:`AMQPPriorityBroker`,
-every priority test), and quorum queues (delivery counts, per-consumer prefetch).
+every priority test), quorum queues (delivery counts, per-consumer prefetch), and
+``dead_letter="dlx"`` (queue arguments for RabbitMQ's own dead-lettering; the reject reason
+is recorded all the same).
 """
 
 from __future__ import annotations
@@ -53,3 +55,7 @@ class TestAMQPPriorityBroker(TestAMQPBroker):
 
 class TestAMQPQuorumBroker(TestAMQPBroker):
     options: ClassVar[dict[str, Any]] = {"queue_type": "quorum"}
+
+
+class TestAMQPDeadLetterExchangeBroker(TestAMQPBroker):
+    options: ClassVar[dict[str, Any]] = {"dead_letter": "dlx"}

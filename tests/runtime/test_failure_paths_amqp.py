@@ -98,7 +98,7 @@ def test_an_eta_rabbitmq_cannot_hold_is_dead_lettered_once_and_never_loops(
     soon = later.delay()
     with running(app, pool="threads", concurrency=2) as (worker, thread):
         assert soon.get(timeout=30) == "ran"
-        with pytest.raises(Exception, match="longest supported delay"):
+        with pytest.raises(Exception, match="is longer than"):
             app.AsyncResult(envelope.id).get(timeout=30)
         assert thread.is_alive()
     assert runs.count(envelope.id) == 0
@@ -152,7 +152,7 @@ def test_a_retry_rabbitmq_cannot_hold_fails_the_task_once(app: App, tmp_path: Pa
     good = [ok.delay(i) for i in range(3)]
     with running(app, pool="threads", concurrency=2) as (worker, thread):
         assert [r.get(timeout=30) for r in good] == [0, 1, 2]
-        with pytest.raises(Exception, match="longest supported delay"):
+        with pytest.raises(Exception, match="is longer than"):
             bad.get(timeout=30)
         assert thread.is_alive()
     assert runs.count(bad.id) == 1

@@ -159,30 +159,58 @@ def test_solo_in_the_main_thread_interrupts_a_blocking_call_at_the_soft_limit(
         app.close()
 
 
-@pytest.mark.parametrize(
-    "timelimit",
-    [[-1, None], [0, 0], [float("nan"), None], [1e300, 1e300], [None, -5]],
-    ids=["negative", "zero", "nan", "absurd", "negative-soft"],
-)
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
-def test_nonsense_limits_in_a_message_are_no_limits(
-    pool: str, timelimit: list[Any], tmp_path: Path
-) -> None:
+def test_zero_limits_in_a_message_are_no_limits(pool: str, tmp_path: Path) -> None:
+    """0 means "no limit", as in Celery."""
     from conveyor.core.celery import TaskMessage, build_envelope
 
     app = make_app("memory", tmp_path)
     runs = Runs(tmp_path / "runs")
     _loop, _, _ = _tasks(app, runs)
+    envelope = build_envelope(TaskMessage(task="tl.loop", id=f"zero-{pool}", args=(0.3,)))
+    envelope = dataclasses.replace(envelope, headers={**envelope.headers, "timelimit": [0, 0]})
+    try:
+        app.broker.publish(envelope, queue="celery")
+        with running(app, pool=pool, concurrency=1) as (_, thread):
+            assert app.AsyncResult(envelope.id).get(timeout=30) == "finished"
+            assert thread.is_alive()
+        assert runs.count(envelope.id) == 1
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize(
+    "timelimit",
+    [[-1, None], [float("nan"), None], [1e300, 1e300], [None, -5]],
+    ids=["negative", "nan", "absurd", "negative-soft"],
+)
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_nonsense_limits_in_a_message_refuse_it_and_the_worker_goes_on(
+    pool: str, timelimit: list[Any], tmp_path: Path
+) -> None:
+    """A foreign client's nonsense limits: the message is refused as undecodable (running it
+    without the limit its sender asked for would be wrong; conveyor.core.celery), so it is
+    dead-lettered unrun, and the worker goes on serving."""
+    from conveyor.core.celery import TaskMessage, build_envelope
+
+    app = make_app("memory", tmp_path)
+    runs = Runs(tmp_path / "runs")
+    _loop, _, ok = _tasks(app, runs)
     envelope = build_envelope(TaskMessage(task="tl.loop", id=f"odd-{pool}", args=(0.3,)))
     # as a foreign client could send them
     envelope = dataclasses.replace(envelope, headers={**envelope.headers, "timelimit": timelimit})
     try:
         app.broker.publish(envelope, queue="celery")
         with running(app, pool=pool, concurrency=1) as (_, thread):
-            result = app.AsyncResult(envelope.id)
-            assert result.get(timeout=30) == "finished"
+            assert ok.delay(5).get(timeout=30) == 5
+            eventually(
+                lambda: app.broker.size(app.broker.dead_letter_queue("celery")) == 1,
+                30,
+                message="the message is dead-lettered",
+            )
             assert thread.is_alive()
-        assert runs.count(envelope.id) == 1
+        assert runs.count(envelope.id) == 0
+        assert app.backend.fetch(envelope.id) is None
     finally:
         app.close()
 

@@ -12,7 +12,6 @@ looped on it forever without delivering anything else.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import struct
@@ -231,7 +230,7 @@ def test_dead_letter_reasons_are_recorded_bounded_and_never_raise(
     broker.ack(dead)
 
 
-@pytest.mark.parametrize("delay", [math.inf, MAX_DELAY * 2, 1e300])
+@pytest.mark.parametrize("delay", [MAX_DELAY * 2, 1e300])
 def test_a_delay_the_ttl_levels_cannot_hold_is_refused_at_publish(
     make_amqp_broker: Any,  # noqa: F811
     queue: str,

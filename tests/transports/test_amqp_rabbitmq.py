@@ -314,21 +314,36 @@ def test_a_broker_that_never_connected_fails_fast(janitor: QueueJanitor) -> None
 # ================================================================================ dead letters
 
 
-def test_the_dlx_option_lets_rabbitmq_dead_letter_and_matches_celerys_queue_arguments(
+def test_the_dlx_option_records_the_reason_and_matches_celerys_queue_arguments(
     make_amqp_broker: Make,  # noqa: F811
     janitor: QueueJanitor,  # noqa: F811
     amqp_url: str,  # noqa: F811
+    raw: Any,
 ) -> None:
+    """conveyor's reject records its reason in this mode too (before, RabbitMQ's move kept
+    only ``x-death``: the reason was in a log line alone); what RabbitMQ dead-letters itself
+    (here a Celery-like client rejecting without requeue) still lands in the dead-letter queue
+    natively, through the queue's arguments, with ``x-death``."""
     queue = _queue(janitor)
     broker = make_amqp_broker(dead_letter="dlx")
     sent = _env(b"poison")
     broker.publish(sent, queue=queue)
     [got] = _collect(broker, queue, 1)
-    broker.reject(got, requeue=False, reason="bad")
+    broker.reject(got, requeue=False, reason="ValueError: bad")
     [dead] = _collect(broker, broker.dead_letter_queue(queue), 1)
     assert (dead.envelope.id, dead.envelope.body) == (sent.id, sent.body)
-    assert dead.envelope.headers["x-death"][0]["reason"] == "rejected"
+    assert dead.envelope.headers["x-conveyor-dead-letter-reason"] == "ValueError: bad"
+    assert dead.envelope.headers["x-conveyor-dead-letter-queue"] == queue
     broker.ack(dead)
+    broker.publish(_env(b"native"), queue=queue)
+    broker.close()  # its consumer would take the message before the other client can
+    method, _props, _body = _raw_get(raw, queue)
+    raw.basic_reject(method.delivery_tag, requeue=False)
+    broker = make_amqp_broker(dead_letter="dlx")
+    [moved] = _collect(broker, broker.dead_letter_queue(queue), 1)
+    assert moved.envelope.body == b"native"
+    assert moved.envelope.headers["x-death"][0]["reason"] == "rejected"
+    broker.ack(moved)
     _kombu_declare(
         amqp_url,
         queue,
@@ -337,6 +352,15 @@ def test_the_dlx_option_lets_rabbitmq_dead_letter_and_matches_celerys_queue_argu
             "x-dead-letter-routing-key": f"{queue}.dead",
         },
     )
+
+
+def _raw_get(channel: Any, queue: str) -> tuple[Any, Any, bytes]:
+    def got() -> tuple[Any, Any, bytes] | None:
+        method, props, body = channel.basic_get(queue)
+        return None if method is None else (method, props, body)
+
+    found: tuple[Any, Any, bytes] = eventually(got, 10, message=f"a message on {queue}")
+    return found
 
 
 def test_publish_dead_lettering_records_the_reason_without_queue_arguments(

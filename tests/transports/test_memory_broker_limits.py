@@ -8,15 +8,17 @@ input is what ``publish`` refuses (tests/unit/test_memory_transport.py covers pr
 
 from __future__ import annotations
 
-import math
+import threading
 
 import pytest
 
+from conveyor import App
 from conveyor.core.errors import ConfigurationError, DecodeError
 from conveyor.core.types import Envelope
 from conveyor.transports._common import (
     EXACT_MS_MAX_DELAY,
     MAX_REASON_CHARS,
+    ORIGINAL_HEADER,
     check_delay,
     clamp_priority,
     clean_reason,
@@ -75,7 +77,7 @@ def test_undecodable_reasons_say_what_was_wrong() -> None:
     )
 
 
-@pytest.mark.parametrize("delay", [math.inf, EXACT_MS_MAX_DELAY * 2, 1e308])
+@pytest.mark.parametrize("delay", [EXACT_MS_MAX_DELAY * 2, 1e308])
 def test_a_delay_the_memory_broker_cannot_hold_is_refused(delay: float) -> None:
     broker = MemoryBroker()
     with pytest.raises(ConfigurationError, match="longer than the memory broker can hold"):
@@ -97,3 +99,41 @@ def test_stored_priorities_are_clamped_and_non_integers_refused() -> None:
     for bad in (True, 3.5, "5", None, [1]):
         with pytest.raises(ValueError, match="integer"):
             clamp_priority(bad)
+
+
+@pytest.mark.parametrize("headers", [["not", "a", "map"], None, "text", 42], ids=repr)
+def test_a_message_whose_headers_are_not_a_map_is_dead_lettered_not_lost(headers: object) -> None:
+    """Before, ``reject`` settled the message and then raised TypeError building the dead
+    letter: the message was gone from both queues."""
+    broker = MemoryBroker()
+    broker.publish(Envelope(id="odd", body=b"{}", headers=headers), queue="q")  # type: ignore[arg-type]
+    [got] = broker.receive("q", timeout=1)
+    broker.reject(got, requeue=False, reason="undecodable message: headers")
+    [dead] = broker.receive(broker.dead_letter_queue("q"), timeout=1)
+    assert dead.envelope.id == "odd"
+    assert dead.envelope.headers[DEAD_LETTER_REASON_HEADER] == "undecodable message: headers"
+    assert dead.envelope.headers[ORIGINAL_HEADER] == str(headers)
+    assert broker.size("q") == 0
+
+
+def test_a_worker_dead_letters_a_memory_message_whose_headers_are_not_a_map() -> None:
+    app = App("mh", broker="memory://", backend="memory://", worker_lease_seconds=1.0)
+
+    @app.task(name="mh.ok")
+    def ok() -> str:
+        return "ok"
+
+    broker = app.broker
+    broker.publish(Envelope(id="odd", body=b"{}", headers=["x"]), queue="celery")  # type: ignore[arg-type]
+    worker = app.Worker(pool="solo", receive_timeout=0.1)
+    thread = threading.Thread(target=worker.start, daemon=True)
+    thread.start()
+    try:
+        assert worker.wait_started(30)
+        assert ok.delay().get(timeout=30) == "ok"
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert broker.size(broker.dead_letter_queue("celery")) == 1
+    assert broker.size("celery") == 0
+    app.close()

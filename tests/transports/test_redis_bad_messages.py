@@ -9,7 +9,6 @@ bug, another client library, an attacker with access to the server) would leave 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 
 import pytest
@@ -232,7 +231,7 @@ def test_dead_letter_reasons_are_recorded_bounded_and_never_raise(
     broker.ack(dead)
 
 
-@pytest.mark.parametrize("delay", [math.inf, EXACT_MS_MAX_DELAY * 2, 1e300])
+@pytest.mark.parametrize("delay", [EXACT_MS_MAX_DELAY * 2, 1e300])
 def test_a_delay_the_sorted_set_cannot_hold_is_refused_at_publish(
     broker: RedisBroker, queue: str, delay: float
 ) -> None:

@@ -11,7 +11,6 @@ map made every ``receive`` raise, and the row came back when its lease ran out: 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -200,7 +199,7 @@ def test_dead_letter_reasons_are_recorded_bounded_and_never_raise(
     broker.ack(dead)
 
 
-@pytest.mark.parametrize("delay", [math.inf, EXACT_MS_MAX_DELAY * 2])
+@pytest.mark.parametrize("delay", [EXACT_MS_MAX_DELAY * 2, 1e300])
 def test_a_delay_a_double_cannot_hold_is_refused_at_publish(
     make: Make, queue: str, delay: float
 ) -> None:

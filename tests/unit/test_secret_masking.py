@@ -8,7 +8,6 @@ no scheme, host, key, option name or message text contains that pair.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 from urllib.parse import quote
 
@@ -218,41 +217,9 @@ def test_errors_raised_for_bad_urls_show_no_secret(url: str) -> None:
         _no_secret(text, "URL error")
 
 
-_MEMCACHED_LEAK = pytest.mark.xfail(
-    importlib.util.find_spec("pymemcache") is not None,
-    reason="backends/memcached.py quotes the raw netloc in 'memcached URLs have no path "
-    "(got ...)' (reported to its owner, issue 13)",
-    strict=True,
-)
-
-
-_SQL_LEAK = pytest.mark.xfail(
-    importlib.util.find_spec("sqlalchemy") is not None,
-    reason="conveyor/_sql.py puts SQLAlchemy's error text, which shows query values, in its "
-    "'cannot build an engine' error unmasked (reported to its owner, issue 13)",
-    strict=True,
-)
-
-
-def _known_leak(kind: Any, scheme: str) -> Any:
-    table = default_registry._tables[kind]
-    entry = table.get(scheme) or table[scheme.split("+")[0]]
-    if entry.refusal is not None:
-        return ()
-    if kind == "result_backend" and "memcached" in scheme:
-        return _MEMCACHED_LEAK
-    if scheme.split("+")[0] in ("sqla", "sqlalchemy", "db", "database"):
-        return _SQL_LEAK
-    return ()
-
-
 @pytest.mark.parametrize(
     ("kind", "scheme"),
-    [
-        pytest.param(kind, scheme, marks=_known_leak(kind, scheme))
-        for kind in ("broker", "result_backend")
-        for scheme in _schemes(kind)
-    ],
+    [(kind, scheme) for kind in ("broker", "result_backend") for scheme in _schemes(kind)],
 )
 @settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(password=secrets, value=query_secrets, path=st.sampled_from(["/0", "/db", ""]))
