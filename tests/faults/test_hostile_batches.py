@@ -365,16 +365,6 @@ def test_a_row_whose_delivery_count_cannot_grow_never_blocks_its_queue(
         cleanup(where, queue)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: MemoryBroker.reject (conveyor/transports/memory.py) builds the dead letter's "
-        "headers with {**envelope.headers, ...}, which raises TypeError for headers that are "
-        "not a map (a list, None); the worker then acks and drops the message ('could not "
-        "dead-letter ... it is dropped') instead of keeping it in <queue>.dead: dead-lettering "
-        "must never raise"
-    ),
-)
 def test_the_memory_broker_dead_letters_an_envelope_whose_headers_are_not_a_map(
     tmp_path: Path,
 ) -> None:

@@ -142,20 +142,6 @@ def test_bombs_of_every_installed_codec_are_dead_lettered_and_the_worker_stays_s
     assert grown < DEFAULT_MAX_SIZE + MARGIN, f"worker grew {grown / MIB:.0f} MiB"
 
 
-CONFIG_IGNORED = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: the worker never passes its settings to the decoder: execution.py _execute "
-        "calls parse_envelope(envelope, accept=accept) without max_size= or "
-        "accept_compression=, so decompression stops at the built-in 64 MiB "
-        "(DEFAULT_MAX_SIZE), not at worker_max_message_size as config.py documents, and the "
-        "accept_compression setting is never read by the worker (nor by AsyncResult: "
-        "grep finds it only in config.py)"
-    ),
-)
-
-
-@CONFIG_IGNORED
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_body_that_inflates_past_worker_max_message_size_is_dead_lettered(
     pool: str, tmp_path: Path
@@ -176,7 +162,6 @@ def test_a_body_that_inflates_past_worker_max_message_size_is_dead_lettered(
         app.close()
 
 
-@CONFIG_IGNORED
 def test_accept_compression_refuses_compressed_messages_before_decoding(tmp_path: Path) -> None:
     where = place("memory", tmp_path)
     runs = Runs(tmp_path / "runs")

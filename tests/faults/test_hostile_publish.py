@@ -41,18 +41,9 @@ UNTYPED = pytest.mark.xfail(
     reason=(
         "bug: a lone surrogate in an envelope's id, correlation id or header values raises "
         "a raw UnicodeEncodeError from publish: the SQL broker's _row/_insert "
-        "(conveyor/transports/sqlalchemy.py) and the MongoDB broker's _document "
-        "(conveyor/transports/mongodb.py) json.dumps headers with ensure_ascii=False and "
-        "hand ids to the driver unchecked; AMQP raises EncodeError, as it should"
-    ),
-)
-NUL_TRANSIENT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: PostgreSQL refuses NUL in a text column with psycopg.DataError, which the SQL "
-        "broker's one translation boundary (conveyor/_sql.py, transaction/_once) reports as "
-        "OperationalError: a permanent refusal looks transient, so App.send_task retries it "
-        "and the worker gives back a message whose retry publish fails"
+        "(conveyor/transports/sqlalchemy.py) json.dumps headers with ensure_ascii=False "
+        "and hands ids to the driver unchecked; AMQP and MongoDB raise EncodeError, as "
+        "they should"
     ),
 )
 
@@ -60,7 +51,7 @@ NUL_TRANSIENT = pytest.mark.xfail(
 def _encode_params() -> list[Any]:
     out = []
     for name in ["sqlite", "postgres", "mysql", "redis", "amqp", "mongodb"]:
-        marks = [UNTYPED] if name in ("sqlite", "postgres", "mysql", "mongodb") else []
+        marks = [UNTYPED] if name in ("sqlite", "postgres", "mysql") else []
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
@@ -103,17 +94,6 @@ def test_text_utf8_cannot_encode_is_refused_at_publish_with_a_typed_error_or_car
     assert set(outcomes.values()) <= {"carried", "refused"}, outcomes
 
 
-TOO_BIG_TRANSIENT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: MariaDB refuses an id longer than its TEXT column (1406 'Data too long', a "
-        "DataError) or a message past max_allowed_packet (it drops the connection: 2006 "
-        "'gone away'), and conveyor/_sql.py:translate_error reports both as transient "
-        "(OperationalError/ConnectionLost): App.send_task resends 10 MB three times, and a "
-        "worker whose retry publish hits it gives the message back until "
-        "worker_max_deliveries"
-    ),
-)
 #: Ids some broker cannot hold: each must travel exactly or be refused non-transiently.
 HARD_IDS = {
     "nul-envelope-id": lambda: Envelope(id="a\x00b", body=b"{}"),
@@ -127,8 +107,8 @@ HARD_IDS = {
     "broker",
     [
         "sqlite",
-        pytest.param("postgres", marks=NUL_TRANSIENT),
-        pytest.param("mysql", marks=TOO_BIG_TRANSIENT),
+        "postgres",
+        "mysql",
         "redis",
         "amqp",
         "mongodb",
@@ -172,8 +152,8 @@ def test_an_id_the_broker_cannot_hold_is_carried_or_refused_never_called_transie
 ODD_TASK_IDS = {"nul": lambda: f"nul\x00{unique_name()}", "70k": lambda: "k" * 70_000}
 RETRY_CASES = [
     pytest.param("sqlite", "nul", id="sqlite-nul"),
-    pytest.param("postgres", "nul", marks=NUL_TRANSIENT, id="postgres-nul"),
-    pytest.param("mysql", "70k", marks=TOO_BIG_TRANSIENT, id="mysql-70k"),
+    pytest.param("postgres", "nul", id="postgres-nul"),
+    pytest.param("mysql", "70k", id="mysql-70k"),
     pytest.param("mongodb", "nul", id="mongodb-nul"),
     pytest.param("redis", "70k", id="redis-70k"),
     pytest.param("amqp", "70k", id="amqp-70k"),
@@ -238,15 +218,6 @@ REFUSED_IDS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: App.send_task/_prepare (conveyor/runtime/app.py) never calls "
-        "backend.validate_task_id, so a task id the result backend refuses is published, "
-        "runs, and its result is lost (the issue asks: refused at publish time where "
-        "possible; memcached.py's docstring says validate_task_id refuses it at publish)"
-    ),
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_task_id_the_result_backend_refuses_is_refused_at_apply_async(
     backend: str, tmp_path: Path
