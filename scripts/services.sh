@@ -203,7 +203,7 @@ ensure_rabbitmq() {
 ensure_memcached() {
     command -v memcached >/dev/null || apt_install memcached
     if ! port_open 11211; then
-        start_logged memcached memcached -d -u root -l "$HOST" -p 11211
+        start_logged memcached memcached -d -u root -l "$HOST" -p 11211 -m 512
     fi
     wait_port memcached 11211
     say "memcached: ready (cache+memcached://$HOST:11211/)"

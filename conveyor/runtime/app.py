@@ -464,6 +464,26 @@ class App:
             except OperationalError as exc:
                 error = exc
 
+    @staticmethod
+    def _seconds(what: str, value: object) -> float:
+        """A number of seconds from a caller: finite, or a ConfigurationError naming it."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"{what} must be a number of seconds: {value!r}")
+        seconds = float(value)
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+            raise ConfigurationError(f"{what} must be a finite number of seconds: {value!r}")
+        return seconds
+
+    @staticmethod
+    def _after(now: datetime, what: str, seconds: float) -> datetime:
+        """``now + seconds``, or a ConfigurationError when no clock can hold that instant."""
+        try:
+            return now + timedelta(seconds=seconds)
+        except OverflowError:
+            raise ConfigurationError(
+                f"{what} of {seconds!r} seconds is past the latest time a clock can hold"
+            ) from None
+
     def _prepare(
         self,
         name: str,
@@ -496,16 +516,18 @@ class App:
         now = datetime.now(timezone.utc)
         delay: float | None = None
         if countdown is not None:
-            delay = max(0.0, float(countdown))
-            eta = now + timedelta(seconds=delay)
+            delay = max(0.0, self._seconds("countdown", countdown))
+            eta = self._after(now, "countdown", delay)
         elif eta is not None:
             eta = self._aware(eta)
             delay = max(0.0, (eta - now).total_seconds())
         expires_at: datetime | None
-        if isinstance(expires, (int, float)):
-            expires_at = now + timedelta(seconds=float(expires))
+        if expires is None:
+            expires_at = None
+        elif isinstance(expires, datetime):
+            expires_at = self._aware(expires)
         else:
-            expires_at = self._aware(expires) if expires is not None else None
+            expires_at = self._after(now, "expires", self._seconds("expires", expires))
         if priority is None:
             priority = self.conf.task_default_priority
         for what, limit in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):

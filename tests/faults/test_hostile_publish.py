@@ -243,15 +243,6 @@ def test_a_task_id_the_result_backend_refuses_is_refused_at_apply_async(
     assert published == [], f"{len(published)} refused ids published"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: App._prepare (conveyor/runtime/app.py) turns countdown and expires into "
-        "timedelta unchecked: countdown=1e300 or inf raises a raw OverflowError, "
-        "expires=nan a raw ValueError (time_limit and soft_time_limit next to them are "
-        "refused with ConfigurationError)"
-    ),
-)
 @pytest.mark.parametrize(
     "option",
     [{"countdown": 1e300}, {"countdown": float("inf")}, {"expires": float("inf")},
