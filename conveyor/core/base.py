@@ -29,6 +29,7 @@ from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord, S
 from conveyor.core.urls import mask_url
 
 __all__ = [
+    "DEAD_LETTER_SUFFIX",
     "DEFAULT_RESULT_TTL",
     "MAX_ID_BYTES",
     "BrokerBase",
@@ -38,9 +39,13 @@ __all__ = [
     "validate_queue_name",
 ]
 
+#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` on every built-in broker.
+DEAD_LETTER_SUFFIX = ".dead"
 #: Celery's ``result_expires`` default: one day.
 DEFAULT_RESULT_TTL = 86400.0
 _MAX_QUEUE_NAME = 200
+#: How many ``.dead`` suffixes a name may carry past the length limit.
+_DEAD_LETTER_LEVELS = 2
 #: The longest task id, group id or counter key (in UTF-8 bytes) a result backend accepts by
 #: default. Ids are never trusted for size; backends whose store holds less refuse more.
 MAX_ID_BYTES = 1024
@@ -110,10 +115,17 @@ def check_id(value: object, what: str = "task id", *, max_bytes: int = MAX_ID_BY
 
 
 def validate_queue_name(name: str) -> str:
-    """Return ``name`` if it is a usable queue name, else raise ``ConfigurationError``."""
+    """Return ``name`` if it is a usable queue name, else raise ``ConfigurationError``.
+
+    At most 200 characters, not counting up to two trailing :data:`DEAD_LETTER_SUFFIX` (so
+    the dead-letter queue of any usable name is usable), no control characters."""
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"queue name must be a non-empty string, got {name!r}")
-    if len(name) > _MAX_QUEUE_NAME:
+    base = name  # the dead-letter queue of a dead-letter queue of a usable name is usable
+    for _ in range(_DEAD_LETTER_LEVELS):
+        if base.endswith(DEAD_LETTER_SUFFIX) and len(base) > len(DEAD_LETTER_SUFFIX):
+            base = base[: -len(DEAD_LETTER_SUFFIX)]
+    if len(base) > _MAX_QUEUE_NAME:
         raise ConfigurationError(f"queue name longer than {_MAX_QUEUE_NAME} characters")
     if any(ord(c) < 32 for c in name):
         raise ConfigurationError(f"queue name {name!r} contains control characters")
@@ -221,11 +233,41 @@ class BrokerBase(_Closable):
 
     @staticmethod
     def _queue_list(queues: str | Sequence[str]) -> list[str]:
-        names = [queues] if isinstance(queues, str) else list(queues)
+        """The queue names of a ``receive`` call, validated, each once, in the given order.
+
+        Raises:
+            ConfigurationError: no queue, or a name :func:`validate_queue_name` refuses.
+        """
+        names = [queues] if isinstance(queues, str) else list(dict.fromkeys(queues))
         if not names:
             raise ConfigurationError("receive() needs at least one queue")
         for name in names:
             validate_queue_name(name)
+        return names
+
+    @classmethod
+    def _check_receive(
+        cls, queues: str | Sequence[str], max_messages: object, timeout: object
+    ) -> list[str]:
+        """Check the arguments of ``receive`` as every broker must, and return the queue
+        names (:meth:`_queue_list`). Call at the top of ``receive``.
+
+        Raises:
+            ConfigurationError: no queue or a bad name; ``max_messages`` not an int >= 1 (a
+                bool is not a count); ``timeout`` not a number of seconds >= 0 (NaN, None, a
+                bool or not a number).
+        """
+        names = cls._queue_list(queues)
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int):
+            raise ConfigurationError(f"max_messages must be an int, got {_shown(max_messages)}")
+        if max_messages < 1:
+            raise ConfigurationError(f"max_messages must be >= 1, got {max_messages}")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not timeout >= 0  # NaN fails this too
+        ):
+            raise ConfigurationError(f"timeout must be >= 0 seconds, got {_shown(timeout)}")
         return names
 
     def publish(self, envelope: Envelope, *, queue: str, delay: float | None = None) -> None:
@@ -250,8 +292,11 @@ class BrokerBase(_Closable):
         return 0  # pragma: no cover - _require raised
 
     def dead_letter_queue(self, queue: str) -> str:
+        """``queue + ".dead"`` (:data:`DEAD_LETTER_SUFFIX`): an ordinary queue of the same
+        store, where ``reject(requeue=False)`` on ``queue`` moves messages; receive, ack,
+        purge and size work on it. Only for a broker that declares ``dead_letter``."""
         self._require(Capability.DEAD_LETTER)
-        return ""  # pragma: no cover - _require raised
+        return validate_queue_name(queue) + DEAD_LETTER_SUFFIX
 
 
 class ResultBackendBase(_Closable):

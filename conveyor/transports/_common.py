@@ -30,6 +30,7 @@ import math
 import re
 from typing import Any
 
+from conveyor.core.base import DEAD_LETTER_SUFFIX
 from conveyor.core.errors import ConfigurationError, DecodeError
 
 __all__ = [
@@ -47,8 +48,6 @@ __all__ = [
     "undecodable_reason",
 ]
 
-#: ``dead_letter_queue(q)`` is ``q + DEAD_LETTER_SUFFIX`` on every built-in broker.
-DEAD_LETTER_SUFFIX = ".dead"
 #: Header of a dead letter: the ``reason`` given to ``reject`` (after :func:`clean_reason`).
 DEAD_LETTER_REASON_HEADER = "x-conveyor-dead-letter-reason"
 #: Header of a dead letter: the queue it was rejected from.

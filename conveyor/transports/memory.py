@@ -475,13 +475,7 @@ class MemoryBroker(BrokerBase):
             ConfigurationError: no queues, invalid name, ``max_messages`` < 1, negative timeout.
             ConnectionLost: closed (also when closed while waiting).
         """
-        names = [queues] if isinstance(queues, str) else list(queues)
-        if not names:
-            raise ConfigurationError("receive() needs at least one queue")
-        if max_messages < 1:
-            raise ConfigurationError(f"max_messages must be >= 1, got {max_messages!r}")
-        if not timeout >= 0:
-            raise ConfigurationError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        names = self._check_receive(queues, max_messages, timeout)
         store = self.store
         maintain = store._maintain
         with store._lock:
@@ -635,10 +629,6 @@ class MemoryBroker(BrokerBase):
                 return 0
             store._maintain(q, monotonic())
             return q.ready_count()
-
-    def dead_letter_queue(self, queue: str) -> str:
-        """``queue + ".dead"``: where ``reject(requeue=False)`` on ``queue`` moves messages."""
-        return queue + DEAD_LETTER_SUFFIX
 
     # ---- helpers
     def _check_open(self) -> None:
