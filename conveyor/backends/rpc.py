@@ -12,9 +12,9 @@ Capabilities:
 
 URL:
     ``rpc://``: results travel over the AMQP broker. The broker URL comes from the
-    ``broker_url`` option (``result_backend_transport_options`` until ``App`` passes its own
-    broker URL, see ``docs/backends/amqp.md``), which also carries the connection options
-    (``heartbeat``, ``ssl_*``, ...).
+    ``broker_url`` option: ``App`` passes its own broker URL (unless
+    ``result_backend_transport_options`` sets one), and the connection options in that URL's
+    query (``heartbeat``, ``ssl_*``, ``max_message_size``...) apply here too.
 
 Options (keyword > URL query > default; :class:`RPCResultBackendOptions`):
     ``broker_url`` (required), ``reply_to`` (the reply queue; default ``None``: a new UUID,
@@ -25,7 +25,9 @@ Options (keyword > URL query > default; :class:`RPCResultBackendOptions`):
     ``accept_compression`` (methods a compressed result may use; default: every built-in
     one; decompression stops at 64 MiB), ``max_cached`` (100000 records kept in memory,
     oldest dropped first), plus the AMQP connection options of
-    :class:`~conveyor.transports.amqp.AMQPConnectionOptions`.
+    :class:`~conveyor.transports.amqp.AMQPConnectionOptions` (among them
+    ``max_message_size``: a result body over it, 128 MiB by default as RabbitMQ's, raises
+    ``EncodeError`` and nothing is sent; RabbitMQ would close the connection over it).
 
 Thread-safety:
     One instance may be shared by the threads of one process: it owns one AMQP connection
@@ -94,6 +96,7 @@ from conveyor.transports.amqp import (
     AMQPLink,
     Op,
     Properties,
+    check_message_size,
     parse_amqp_url,
     redact_url,
     rpc,
@@ -377,7 +380,8 @@ class RPCResultBackend(ResultBackendBase):
 
         Raises:
             ConfigurationError: a refused task id (see ``validate_task_id``).
-            EncodeError: the result cannot be serialized.
+            EncodeError: the result cannot be serialized, or its body is over
+                ``max_message_size`` (nothing is sent: not transient).
             OperationalError: RabbitMQ unreachable or no confirm in time.
             ConnectionLost: the backend is closed.
         """
@@ -388,6 +392,7 @@ class RPCResultBackend(ResultBackendBase):
             return
         effective = self._ttl(ttl)
         body = encode_meta(clean, self._serializer.name)
+        check_message_size(body, self.options.max_message_size, f"the result of {record.task_id}")
         properties = Properties(
             content_type=self._serializer.content_type,
             content_encoding=self._serializer.content_encoding,

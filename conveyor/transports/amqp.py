@@ -28,7 +28,9 @@ Options (keyword > URL query > default; :class:`AMQPBrokerOptions`):
     ``max_retry_interval`` (2.0): reconnect backoff, ``ssl_ca_certs``, ``ssl_certfile``,
     ``ssl_keyfile``, ``ssl_cert_reqs`` (``required``, ``optional``, ``none``; kombu's
     ``CERT_*`` spellings too), ``ssl_check_hostname`` (True), ``ssl_context`` (keyword only:
-    a ready :class:`ssl.SSLContext`), ``connection_name``.
+    a ready :class:`ssl.SSLContext`), ``connection_name``, ``max_message_size`` (128 MiB
+    = 134217728 bytes, RabbitMQ's default ``max_message_size``: a bigger body is refused with
+    ``EncodeError`` before it is sent).
     Broker: ``lease_seconds`` (60.0), ``prefetch_count`` (None: each consumer's prefetch is
     the ``max_messages`` of the ``receive`` that started it), ``max_priority`` (None; 1-255),
     ``queue_type`` (``classic`` or ``quorum``), ``dead_letter`` (``publish`` or ``dlx``),
@@ -118,7 +120,10 @@ How it works (``docs/backends/amqp.md`` has the details):
   as its integer; a table that fails marks the message undecodable): before, one such
   message made pika drop the connection and RabbitMQ redeliver it forever. Priorities above 9
   (AMQP allows 255) are delivered as 9. Properties that exceed RabbitMQ's ``frame_max`` raise
-  ``EncodeError`` at publish instead of closing the connection.
+  ``EncodeError`` at publish instead of closing the connection, and so does a body over
+  ``max_message_size`` (RabbitMQ closes the connection over its own, 541 INTERNAL_ERROR:
+  taken for an outage, the publish would be waited for and retried as transient). Set the
+  option to the server's value when ``rabbitmq.conf`` changes it.
 * **Reconnects**: when the connection drops, the I/O thread reconnects with backoff, trying
   every host; queues, exchanges and consumers are declared again on first use. Calls made
   meanwhile wait for the new connection up to ``operation_timeout`` (``receive`` up to its
@@ -190,6 +195,7 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "DEAD_LETTER_SOURCE_HEADER",
     "DEAD_LETTER_SUFFIX",
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "DELAY_EXCHANGE_PREFIX",
     "DELAY_LEVELS",
     "DELAY_RESOLUTION",
@@ -203,6 +209,7 @@ __all__ = [
     "AMQPPriorityBroker",
     "Op",
     "Properties",
+    "check_message_size",
     "fire",
     "parse_amqp_url",
     "redact_url",
@@ -225,6 +232,8 @@ DELAY_LEVELS = 32
 MAX_DELAY = DELAY_RESOLUTION * (2**DELAY_LEVELS - 1)
 #: Topic exchanges ``conveyor.delay.<L>`` and ``conveyor.delay.deliver``.
 DELAY_EXCHANGE_PREFIX = "conveyor.delay."
+#: The ``max_message_size`` option's default: RabbitMQ's own default (128 MiB), in bytes.
+DEFAULT_MAX_MESSAGE_SIZE = 128 << 20
 
 _SCHEMES = ("amqp", "amqps", "pyamqp")
 _MAX_COUNT = 2**31 - 2  # x-conveyor-deliveries stays a 32-bit AMQP integer
@@ -283,6 +292,9 @@ class AMQPConnectionOptions:
         ssl_check_hostname: check the server certificate's host name.
         ssl_context: a ready :class:`ssl.SSLContext`; overrides the ``ssl_*`` fields.
         connection_name: shown in RabbitMQ's management UI and ``rabbitmqctl``.
+        max_message_size: the largest body, in bytes, a publish (or an ``rpc://`` result)
+            may carry; a bigger one raises ``EncodeError`` before anything is sent. Default
+            128 MiB, RabbitMQ's default ``max_message_size``: set the server's value.
     """
 
     heartbeat: float = 60.0
@@ -297,10 +309,14 @@ class AMQPConnectionOptions:
     ssl_check_hostname: bool = True
     ssl_context: Any = None
     connection_name: str | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "operation_timeout", "retry_interval"):
             _positive(name, getattr(self, name))
+        size = self.max_message_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigurationError(f"max_message_size must be a number of bytes >= 1: {size!r}")
         if not (math.isfinite(self.heartbeat) and self.heartbeat >= 0):
             raise ConfigurationError(f"heartbeat must be >= 0 seconds: {self.heartbeat!r}")
         if self.max_retry_interval < self.retry_interval:
@@ -363,6 +379,21 @@ class AMQPBrokerOptions(AMQPConnectionOptions):
                 raise ConfigurationError("delivery_limit must be >= 1")
         if self.consumer_timeout is not None:
             _positive("consumer_timeout", self.consumer_timeout)
+
+
+def check_message_size(body: bytes, limit: int, what: str = "message") -> None:
+    """Refuse a body RabbitMQ would take for a reason to close the connection.
+
+    Raises:
+        EncodeError: ``body`` is longer than ``limit`` bytes (the ``max_message_size``
+            option): not transient, sending it again cannot succeed.
+    """
+    if len(body) > limit:
+        raise EncodeError(
+            f"{what} cannot be sent over AMQP: its body takes {len(body)} bytes, more than "
+            f"max_message_size ({limit} bytes; RabbitMQ closes the connection over its own "
+            "max_message_size, 128 MiB by default)"
+        )
 
 
 def _positive(name: str, value: Any) -> None:
@@ -2107,7 +2138,8 @@ class AMQPBroker(BrokerBase):
         Raises:
             UnsupportedFeature: priority > 0 on :class:`AMQPBroker` (use ``max_priority``).
             ConfigurationError: bad queue, priority or delay; inequivalent queue in RabbitMQ.
-            EncodeError: a header value AMQP field tables cannot carry.
+            EncodeError: a header value AMQP field tables cannot carry, or a body over
+                ``max_message_size`` (nothing of the batch is sent).
             OperationalError: not confirmed within ``operation_timeout``.
             ConnectionLost: the broker is closed or RabbitMQ unreachable.
         """
@@ -2124,8 +2156,10 @@ class AMQPBroker(BrokerBase):
         self._check_open()
         _check_name(queue)
         batch = list(envelopes)
+        limit = self.options.max_message_size
         for envelope in batch:
             self._check_publish(envelope, delay)
+            check_message_size(envelope.body, limit, f"message {envelope.id}")
         if not batch:
             return 0
         deadline = self._deadline()

@@ -54,22 +54,7 @@ CASES = [
             ),
         ),
     ),
-    pytest.param(
-        "rpc",
-        129,
-        id="rpc-129MiB",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=TRANSIENT.format(
-                what="RabbitMQ's max_message_size (128 MiB)",
-                error="OperationTimeout after the 10 s confirm wait (RabbitMQ closes the "
-                "connection: 541 INTERNAL_ERROR)",
-                where="conveyor/transports/amqp.py publish path (also a plain publish of a "
-                "129 MiB body: App.send_task waits 10 s and retries it 3 times); "
-                "AMQPBroker checks frame_max for properties but not max_message_size",
-            ),
-        ),
-    ),
+    pytest.param("rpc", 129, id="rpc-129MiB"),
 ]
 
 

@@ -186,6 +186,23 @@ def test_header_values_amqp_cannot_carry_are_an_encode_error(
     assert [d.envelope.body for d in _collect(broker, queue, 1)] == [b"fine"]
 
 
+def test_a_body_over_max_message_size_is_refused_before_anything_is_sent(
+    make_amqp_broker: Make,  # noqa: F811
+    janitor: QueueJanitor,  # noqa: F811
+) -> None:
+    # RabbitMQ closes the connection over its max_message_size (541): refused here instead,
+    # as not transient, and the rest of the batch is not sent either.
+    queue = _queue(janitor)
+    broker = make_amqp_broker(max_message_size=1024)
+    started = time.monotonic()
+    with pytest.raises(EncodeError, match="max_message_size"):
+        broker.publish_many([_env(b"a"), _env(b"x" * 1025), _env(b"b")], queue=queue)
+    assert time.monotonic() - started < broker.options.operation_timeout
+    broker.publish(_env(b"y" * 1024), queue=queue)
+    assert [d.envelope.body for d in _collect(broker, queue, 1)] == [b"y" * 1024]
+    assert broker.size(queue) == 0
+
+
 # ================================================================================ delays
 
 

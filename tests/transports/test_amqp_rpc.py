@@ -22,7 +22,7 @@ import pytest
 from amqpsupport import QueueJanitor, amqp_url, janitor, rabbitmqctl  # noqa: F401
 
 from conveyor.backends.rpc import RPCResultBackend
-from conveyor.core.errors import ConfigurationError, InvalidURL
+from conveyor.core.errors import ConfigurationError, EncodeError, InvalidURL
 from conveyor.core.registry import result_backend_from_url
 from conveyor.core.types import ResultRecord, State
 from conveyor.runtime import App
@@ -96,6 +96,21 @@ def test_a_result_is_sent_exactly_as_celerys_rpc_backend_sends_it(
         "date_done": DONE.isoformat(),
         "task_id": task_id,
     }
+
+
+def test_a_result_over_max_message_size_is_an_encode_error_and_nothing_is_sent(
+    make_backend: Any,
+) -> None:
+    backend = make_backend(max_message_size=1024)
+    big = ResultRecord("t-" + uuid.uuid4().hex, State.SUCCESS, "x" * 2048, date_done=DONE)
+    with pytest.raises(EncodeError, match="max_message_size"):
+        backend.store(big)
+    assert backend.fetch(big.task_id) is None
+    small = ResultRecord(big.task_id, State.SUCCESS, "x" * 10, date_done=DONE)
+    backend.store(small)
+    fetched = backend.fetch(big.task_id)
+    assert fetched is not None
+    assert fetched.result == "x" * 10
 
 
 def test_an_empty_reply_to_sends_nothing(make_backend: Any, raw: Any) -> None:

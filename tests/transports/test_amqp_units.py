@@ -15,9 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pika.adapters.utils import connection_workflow as workflow
 
+from conveyor.backends.rpc import RPCResultBackend
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
+    EncodeError,
     InvalidURL,
     OperationalError,
     OperationTimeout,
@@ -32,6 +34,7 @@ from conveyor.transports.amqp import (
     AMQPBrokerOptions,
     AMQPPriorityBroker,
     Properties,
+    check_message_size,
     connection_parameters,
     parse_amqp_url,
     redact_url,
@@ -141,11 +144,37 @@ def test_max_priority_selects_the_priority_class_with_its_capability() -> None:
         {"lease_seconds": 0},
         {"ssl_cert_reqs": "sometimes"},
         {"retry_interval": 5, "max_retry_interval": 1},
+        {"max_message_size": 0},
+        {"max_message_size": -1},
+        {"max_message_size": True},
+        {"max_message_size": "128MiB"},
     ],
 )
 def test_bad_option_combinations_are_configuration_errors(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         AMQPBroker.from_url("amqp://h//", **options)
+
+
+def test_max_message_size_defaults_to_rabbitmqs_and_is_read_from_either_url() -> None:
+    assert AMQPBrokerOptions().max_message_size == 128 * 1024 * 1024
+    broker = AMQPBroker.from_url("amqp://h//?max_message_size=1048576")
+    try:
+        assert broker.options.max_message_size == 1 << 20
+    finally:
+        broker.close()
+    backend = RPCResultBackend.from_url("rpc://", broker_url="amqp://h//?max_message_size=4096")
+    try:
+        assert backend.options.max_message_size == 4096
+    finally:
+        backend.close()
+
+
+def test_a_body_over_max_message_size_is_an_encode_error_not_a_transient_one() -> None:
+    check_message_size(b"x" * 10, 10)
+    with pytest.raises(EncodeError, match=r"11 bytes.*max_message_size \(10 bytes") as info:
+        check_message_size(b"x" * 11, 10, "message m1")
+    assert not isinstance(info.value, OperationalError)
+    assert str(info.value).startswith("message m1 cannot be sent")
 
 
 def test_amqps_verifies_the_server_certificate_by_default() -> None:
