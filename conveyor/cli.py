@@ -211,12 +211,22 @@ def result(obj: _Ctx, task_id: str) -> None:
 @click.argument("url")
 @click.option("--as", "kind", type=click.Choice(["auto", "broker", "backend"]), default="auto")
 @click.option("-n", "--rounds", type=int, default=20, show_default=True)
-def check(url: str, kind: str, rounds: int) -> None:
-    """Connect to URL, run round trips, and report capabilities and latency."""
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds the whole check may take (connect and every round trip); 0: no limit.",
+)
+def check(url: str, kind: str, rounds: int, timeout: float) -> None:
+    """Connect to URL, run round trips, and report capabilities and latency.
+
+    Exits non-zero when the store fails or does not answer within --timeout.
+    """
     from conveyor.runtime.check import run_check
 
     try:
-        rows, caps, what = run_check(url, kind=kind, rounds=rounds)
+        rows, caps, what = run_check(url, kind=kind, rounds=rounds, timeout=timeout)
     except ConveyorError as exc:
         raise click.ClickException(f"{mask_url(url)}: {mask_text(str(exc))}") from exc
     click.echo(f"{what} {mask_url(url)}")

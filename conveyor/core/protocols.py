@@ -133,7 +133,10 @@ class Broker(Protocol):
 
         ``requeue=True`` makes it ready again now (its next delivery is ``redelivered``).
         ``requeue=False`` drops it, or moves it to the dead-letter queue when the broker has
-        ``dead_letter`` (``reason`` is recorded where the store allows). Idempotent.
+        ``dead_letter``. Every built-in broker records ``reason`` there: the dead letter
+        comes back from that queue with header ``x-conveyor-dead-letter-reason`` (the reason,
+        made printable and cut to 1000 characters) and ``x-conveyor-dead-letter-queue`` (the
+        queue it was rejected from). Idempotent.
         """
         ...
 
@@ -179,9 +182,23 @@ class DeadLetters(Protocol):
     """Capability ``dead_letter``."""
 
     def dead_letter_queue(self, queue: str) -> str:
-        """Name of the queue that ``reject(requeue=False)`` on ``queue`` moves messages to.
+        """Name of the queue that ``reject(requeue=False)`` on ``queue`` moves messages to
+        (``queue + ".dead"`` on every built-in broker).
 
-        It is an ordinary queue: receive, ack, purge and size work on it.
+        It is an ordinary queue: receive, ack, purge and size work on it. Its messages carry
+        the headers ``x-conveyor-dead-letter-reason`` and ``x-conveyor-dead-letter-queue``
+        (see :meth:`Broker.reject`). A message the broker could not decode into a
+        :class:`~conveyor.core.types.Delivery` at all (an envelope that is not JSON, headers
+        that are not a map, ...) is never handed out by ``receive``: the broker dead-letters
+        a stand-in for it at once, a well-formed message of content type
+        ``application/x-conveyor-undecodable`` (so no worker runs it) whose reason starts
+        with ``"undecodable message: "``, whose body is the original body and whose header
+        ``x-conveyor-original`` holds the original metadata (properties, headers, row or
+        document fields) as bounded text. On Redis, where the whole message is one text,
+        the body is that original text and there is no ``x-conveyor-original``. The worker
+        dead-letters the messages it refuses (too large, unsigned or badly signed,
+        undecodable, a disallowed content type) the same way, and writes no result under
+        the id they claim.
         """
         ...
 
@@ -252,6 +269,11 @@ class Wait(Protocol):
 
     def wait(self, task_id: str, timeout: float) -> ResultRecord | None:
         """Block until ``task_id`` has a ready record or ``timeout`` seconds pass.
+
+        Woken by the store (push), not by polling: it returns within 250 ms of a ``store``
+        by any client (the conformance suite's bound, on the median of 21 waits; a poll loop
+        with a period over 0.5 s cannot meet it). Implementations may re-read the record
+        periodically as a safety net besides listening (Redis: ``wait_recheck_interval``).
 
         Returns the ready record, or the latest non-ready record (or ``None``) on timeout.
         """

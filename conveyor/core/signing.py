@@ -9,9 +9,11 @@ keys for rotation)::
 
 The app then signs every task message it sends (``x-conveyor-signature`` header), and its
 workers verify every delivery *before decoding its body*: a message without a signature, or
-with one that no configured key produced, is dead-lettered with a log line (and a FAILURE
-result when its task id is known). Verification compares in constant time
-(:func:`hmac.compare_digest`).
+with one that no configured key produced, is refused: logged and dead-lettered (header
+``x-conveyor-dead-letter-reason`` where the broker keeps dead letters), and it writes *no*
+result under the task id it claims, since that id may not be its sender's to write (a
+forged message must not overwrite, or pre-empt, a legitimate task's result). Verification
+compares in constant time (:func:`hmac.compare_digest`).
 
 What is signed (version 1), as one byte string::
 

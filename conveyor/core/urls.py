@@ -5,7 +5,8 @@ reject bad URLs the same way (:class:`~conveyor.core.errors.InvalidURL`) and nev
 secret. Three maskers, public and stable:
 
 * :func:`mask_url` for a URL (or ``;``-joined alternates): the password and every query
-  value whose key names a secret become ``***``.
+  value become ``***``, except the values of known public options (:func:`is_public_option`:
+  ``db``, ``ssl_cert_reqs``, ``visibility_timeout``, ...).
 * :func:`mask_options` for option mappings (``broker_transport_options``, settings): every
   value under a secret-named key becomes ``***``, recursively through nested maps and lists;
   strings elsewhere go through :func:`mask_text`.
@@ -31,8 +32,15 @@ Over-masking is accepted, a leak never is. The rules:
   ``tlsCertificateKeyFile``, ``key_prefix``, ``routing_key``, ``passive``. Exempt because
   they are never secret and are needed to debug authentication: ``authSource``,
   ``authMechanism``. Keys are percent- and ``+``-decoded before the test (``pass%77ord``).
-* **Query values** under a secret key run to the next ``&`` or the end of the text (a raw
-  ``&`` ends a value for every URL parser too); a value that itself embeds a secret
+* **Unknown keys**: in a URL, the value of a query key that is not a known public option
+  (:data:`PUBLIC_OPTIONS`: conveyor's own options of every broker and result backend, and
+  the common non-secret connection options of the drivers) is masked too: a misspelt secret
+  (``?pasword=``, ``?secrte=``) names no secret, and is refused as an unknown option, but its
+  value is still a secret. :func:`mask_text` applies this rule to the query of every
+  ``scheme://`` URL it finds in free text; other ``key=value`` pairs of free text are masked
+  only under secret keys.
+* **Query values** masked run to the next ``&`` or the end of the text (a raw ``&`` ends a
+  value for every URL parser too); a value that itself embeds a secret
   (``ssl_options={'keyfile_password': ...}``) is masked whole.
 * :func:`mask_text` also masks ``key=value``, ``key: value``, ``'key': 'value'`` and
   ``"key": "value"`` pairs under secret keys, and whitespace-free ``user:secret@host``
@@ -57,7 +65,9 @@ from conveyor.core.errors import InvalidURL
 
 __all__ = [
     "MASK",
+    "PUBLIC_OPTIONS",
     "ParsedURL",
+    "is_public_option",
     "is_secret_key",
     "mask_options",
     "mask_text",
@@ -84,9 +94,61 @@ _SECRET_WORDS = (
     "signature",
 )
 _NEVER_SECRET = frozenset({"authsource", "authmechanism"})
+
+#: Query keys whose values :func:`mask_url` shows: options known never to hold a secret.
+#: Every other key's value is masked (a misspelt ``pasword`` included). Keys are compared
+#: lower-cased with everything but letters and digits removed, and a key that names a
+#: secret (:func:`is_secret_key`) is masked even if listed. tests/unit/test_secret_masking.py
+#: checks that every plain option of every conveyor implementation is listed here.
+PUBLIC_OPTIONS = frozenset(
+    {
+        # conveyor's options (the options dataclasses of conveyor.transports/backends)
+        "accept", "accept_compression", "async_settle", "client_name", "collection",
+        "compression", "connect_timeout", "connection_name", "consumer_timeout",
+        "contention_timeout", "counter_collection", "counter_table", "create_indexes",
+        "create_tables", "database", "dead_letter", "default_ttl", "delivery_limit", "echo",
+        "group_table", "groupmeta_collection", "health_check_interval", "heartbeat",
+        "lease_seconds", "master_name", "max_cached", "max_connections", "max_overflow",
+        "max_poll_interval", "max_pool_size", "max_priority", "max_retries",
+        "max_retry_interval", "notify", "operation_timeout", "persistent", "poll_interval",
+        "pool_recycle", "pool_size", "pool_timeout", "prefetch_count", "priority_steps",
+        "promote_batch", "promote_interval", "queue_type", "reclaim_batch", "reply_to",
+        "retry_backoff_cap", "retry_interval", "schema", "sentinel_username", "sep",
+        "serializer", "server_selection_timeout", "socket_connect_timeout",
+        "socket_keepalive", "socket_timeout", "sqlite_synchronous", "ssl_ca_certs",
+        "ssl_cert_reqs", "ssl_certfile", "ssl_check_hostname", "table_name", "task_table",
+        "taskmeta_collection", "timeout", "wait_recheck_interval",
+        # Celery / kombu / redis-py URL options
+        "db", "ssl", "tls", "visibility_timeout", "polling_interval", "virtual_host",
+        "frame_max", "channel_max", "login_method", "queue_name_prefix", "region",
+        # MongoDB URI options (pymongo.common.URI_OPTIONS_VALIDATOR_MAP, secrets left out)
+        "appName", "authSource", "authMechanism", "compressors", "connect",
+        "connectTimeoutMS", "directConnection", "heartbeatFrequencyMS", "journal",
+        "loadBalanced", "localThresholdMS", "maxConnecting", "maxIdleTimeMS", "maxPoolSize",
+        "maxStalenessSeconds", "minPoolSize", "readConcernLevel", "readPreference",
+        "readPreferenceTags", "replicaSet", "retryReads", "retryWrites",
+        "serverMonitoringMode", "serverSelectionTimeoutMS", "socketTimeoutMS", "srvMaxHosts",
+        "srvServiceName", "tlsAllowInvalidCertificates", "tlsAllowInvalidHostnames",
+        "tlsCAFile", "tlsCRLFile", "tlsDisableOCSPEndpointCheck", "tlsInsecure",
+        "uuidRepresentation", "w", "waitQueueTimeoutMS", "wTimeoutMS", "timeoutMS",
+        "zlibCompressionLevel", "tz_aware", "fsync",
+        # libpq (PostgreSQL), PyMySQL, pysqlite and SQLAlchemy connection options
+        "sslmode", "application_name", "target_session_attrs", "keepalives",
+        "keepalives_idle", "keepalives_interval", "keepalives_count", "sslrootcert",
+        "sslcert", "gssencmode", "client_encoding", "load_balance_hosts", "channel_binding",
+        "host", "hostaddr", "port", "dbname", "user", "charset", "read_timeout",
+        "write_timeout", "autocommit", "local_infile", "ssl_ca", "ssl_cert", "ssl_capath",
+        "ssl_cipher", "ssl_disabled", "ssl_verify_cert", "ssl_verify_identity", "unix_socket",
+        "binary_prefix", "program_name", "sql_mode", "client_flag", "plugin", "uri",
+        "isolation_level", "detect_types", "check_same_thread", "cached_statements", "vfs",
+        "mode", "cache", "psow", "nolock", "immutable", "modeof",
+    }
+)  # fmt: skip
 #: A user name shown in front of ``:***@``: nothing that could be part of a password's
 #: structure.
 _PLAIN_USER = re.compile(r"[^@:/;?#\s]*")
+_AMPERSAND = re.compile("&")
+_ESCAPE = re.compile("[%+]")
 #: ``key=`` after a query separator; the key cannot hold a separator or ``=``.
 _QUERY_KEY = re.compile(r"[?&;#]([^=&?#;]*)=")
 #: A key=value or key: value pair in free text; the value is quoted (with escapes) or bare.
@@ -102,10 +164,24 @@ _TOKEN = re.compile(r"[^\s'\"<>(){}\[\],]+")
 def is_secret_key(key: object) -> bool:
     """Whether an option or query key names a secret (see the module docstring)."""
     text = key.decode("latin-1") if isinstance(key, (bytes, bytearray)) else str(key)
-    name = _NOT_ALNUM.sub("", unquote_plus(text).lower())
+    name = _normal_key(text)
     if name in _NEVER_SECRET:
         return False
     return any(word in name for word in _SECRET_WORDS)
+
+
+def _normal_key(text: str) -> str:
+    return _NOT_ALNUM.sub("", unquote_plus(text).lower())
+
+
+_PUBLIC = frozenset(_normal_key(k) for k in PUBLIC_OPTIONS)
+
+
+def is_public_option(key: object) -> bool:
+    """Whether a URL query key's value may be shown: a known option (:data:`PUBLIC_OPTIONS`)
+    that names no secret. :func:`mask_url` masks the values of all other keys."""
+    text = key.decode("latin-1") if isinstance(key, (bytes, bytearray)) else str(key)
+    return _normal_key(text) in _PUBLIC and not is_secret_key(text)
 
 
 def _first_scheme_end(text: str, end: int) -> int:
@@ -163,18 +239,46 @@ def _embeds_secret(text: str, start: int, end: int, escapes: list[int]) -> bool:
     )
 
 
-def _query_spans(text: str) -> list[tuple[int, int]]:
-    ampersands = [i for i, c in enumerate(text) if c == "&"]
-    escapes = [i for i, c in enumerate(text) if c in "%+"]
+def _query_spans(text: str, *, unknown_too: bool = False) -> list[tuple[int, int]]:
+    """Spans of the query values to mask: under a secret key, embedding a secret, and with
+    ``unknown_too`` under any key that is not a public option."""
+    if "=" not in text:
+        return []
+    ampersands = [m.start() for m in _AMPERSAND.finditer(text)]
+    escapes = [m.start() for m in _ESCAPE.finditer(text)]
     spans = []
     for match in _QUERY_KEY.finditer(text):
         start = match.end()
         nxt = bisect.bisect_left(ampersands, start)
         end = ampersands[nxt] if nxt < len(ampersands) else len(text)
+        key = match.group(1)
         if start < end and (
-            is_secret_key(match.group(1)) or _embeds_secret(text, start, end, escapes)
+            (not is_public_option(key) if unknown_too else is_secret_key(key))
+            or _embeds_secret(text, start, end, escapes)
         ):
             spans.append((start, end))
+    return spans
+
+
+#: Where a URL embedded in free text ends.
+_URL_END = re.compile(r"[\s'\"<>]")
+
+
+def _url_query_spans(text: str) -> list[tuple[int, int]]:
+    """:func:`_query_spans` with ``unknown_too`` over each ``scheme://`` URL in free text (a
+    URL runs to the next white space or quote). Linear: a URL is scanned once."""
+    spans: list[tuple[int, int]] = []
+    pos = text.find("://")
+    while pos >= 0:
+        first = pos
+        while first > 0 and text[first - 1] in _SCHEME_CHARS:
+            first -= 1
+        found = _URL_END.search(text, pos)
+        end = found.start() if found else len(text)
+        url = text[first:end]
+        if "=" in url:
+            spans += [(first + a, first + b) for a, b in _query_spans(url, unknown_too=True)]
+        pos = text.find("://", max(end, pos + 3))
     return spans
 
 
@@ -214,7 +318,8 @@ def _apply(text: str, spans: Iterable[tuple[int, int]]) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``url`` (or ``;``-joined URLs) with credentials and secret query values as ``***``.
+    """``url`` (or ``;``-joined URLs) with credentials and query values as ``***``; only the
+    values of public options (:func:`is_public_option`) stay visible.
 
     Safe to apply to any text; see the module docstring for the exact rules.
     """
@@ -226,7 +331,10 @@ def mask_url(url: str) -> str:
     # ``redis://key:pw@h`` is a user named 'key', not a pair.
     query = url.find("?", max(0, url.rfind("@")))
     pairs = [(a + query, b + query) for a, b in _pair_spans(url[query:])] if query >= 0 else []
-    return _apply(url, [*_userinfo_span(url, loose_start=True), *_query_spans(url), *pairs])
+    return _apply(
+        url,
+        [*_userinfo_span(url, loose_start=True), *_query_spans(url, unknown_too=True), *pairs],
+    )
 
 
 def mask_text(text: str) -> str:
@@ -242,6 +350,7 @@ def mask_text(text: str) -> str:
         [
             *_userinfo_span(text, loose_start=False),
             *_query_spans(text),
+            *_url_query_spans(text),
             *_pair_spans(text),
             *_loose_spans(text),
         ],
@@ -416,7 +525,7 @@ class ParsedURL:
             auth += "@"
         hosts = ",".join(h if p is None else f"{_host_for_url(h)}:{p}" for h, p in self.hosts)
         query = "&".join(
-            f"{k}={MASK if is_secret_key(k) else mask_text(v)}" for k, v in self.query.items()
+            f"{k}={mask_text(v) if is_public_option(k) else MASK}" for k, v in self.query.items()
         )
         return f"{self.scheme}://{auth}{hosts}/{self.path}" + (f"?{query}" if query else "")
 

@@ -1,5 +1,11 @@
 """``conveyor check URL``: connect, run round trips, report capabilities and latency.
 
+The whole check is bounded by ``timeout`` (10 s by default, ``conveyor check --timeout``): a
+dead host, a firewall that drops packets, or a server or Sentinel that accepts connections
+but never answers ends the check with :class:`~conveyor.core.errors.OperationTimeout`
+instead of hanging on the driver's own (often unbounded) socket timeouts. The probe runs in
+a daemon thread, so one stuck in a driver call is abandoned, never waited for.
+
 Everything :func:`run_check` raises is a :class:`~conveyor.core.errors.ConveyorError` whose
 message went through :func:`~conveyor.core.urls.mask_text` and whose chain is cut: a
 driver's error text may quote the URL, a DSN or an option map, and the CLI prints it.
@@ -8,8 +14,10 @@ driver's error text may quote the URL, a DSN or an option map, and the CLI print
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from conveyor.core.errors import (
@@ -22,9 +30,13 @@ from conveyor.core.registry import default_registry
 from conveyor.core.types import Envelope, ResultRecord, State
 from conveyor.core.urls import mask_text, refuse_ambiguous_credentials
 
-__all__ = ["percentile", "run_check"]
+__all__ = ["DEFAULT_TIMEOUT", "percentile", "run_check"]
 
 Row = tuple[str, float, float, float]
+Report = tuple[list[Row], set[str], str]
+
+#: Seconds the whole check may take by default (connect, every round trip, close).
+DEFAULT_TIMEOUT = 10.0
 
 
 def _kind_of(url: str, kind: str) -> str:
@@ -53,8 +65,13 @@ def _row(name: str, samples: list[float]) -> Row:
     return (name, statistics.median(ms), percentile(ms, 0.99), max(ms))
 
 
-def run_check(url: str, *, kind: str = "auto", rounds: int = 20) -> tuple[list[Row], set[str], str]:
-    """Run ``rounds`` round trips against ``url``.
+def run_check(
+    url: str, *, kind: str = "auto", rounds: int = 20, timeout: float | None = DEFAULT_TIMEOUT
+) -> Report:
+    """Run ``rounds`` round trips against ``url``, all within ``timeout`` seconds.
+
+    ``timeout`` bounds the whole check (building the client, connecting, every round trip);
+    ``None`` or ``0`` waits as long as the driver does.
 
     Returns:
         (rows of (operation, p50 ms, p99 ms, max ms), capability names, "broker"/"result
@@ -65,20 +82,49 @@ def run_check(url: str, *, kind: str = "auto", rounds: int = 20) -> tuple[list[R
             message is masked (no password, no secret option) and its cause chain cut, so
             printing it, or its traceback, shows no secret. Any other exception comes back
             as a plain ``ConveyorError`` naming the original type.
+        OperationTimeout: no answer within ``timeout`` (a subclass of ``ConveyorError``).
     """
     rounds = max(1, rounds)
     try:
         # Before any store sees it: a driver may read such a URL's secret as a host name.
         refuse_ambiguous_credentials(url)
-        if _kind_of(url, kind) == "broker":
-            return _check_broker(url, rounds)
-        return _check_backend(url, rounds)
+        probe = _check_broker if _kind_of(url, kind) == "broker" else _check_backend
+        return _bounded(probe, url, rounds, timeout)
     except ConveyorError as exc:
         # Same type and attributes (callers match on them); only the text is masked.
         exc.args = (masked_error_text(exc),)
         raise exc from None
     except Exception as exc:
         raise ConveyorError(masked_error_text(exc)) from None
+
+
+def _bounded(
+    probe: Callable[[str, int], Report], url: str, rounds: int, timeout: float | None
+) -> Report:
+    """``probe(url, rounds)`` in a daemon thread, waited for at most ``timeout`` seconds."""
+    if not timeout or timeout <= 0:
+        return probe(url, rounds)
+    outcome: list[Report] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(probe(url, rounds))
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="conveyor-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if failure:
+        raise failure[0]
+    if outcome:
+        return outcome[0]
+    raise OperationTimeout(
+        f"no answer within {timeout:g}s: the host is down or unreachable, a firewall drops "
+        "the packets, or the server (or Sentinel) accepts connections but does not answer. "
+        "Give more time with --timeout"
+    )
 
 
 def masked_error_text(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "REQUIRES_ATTR",
     "eventually",
     "missing_capabilities",
+    "requirement_missing",
     "requires",
     "service_unavailable",
     "services_required",

@@ -21,6 +21,7 @@ from conveyor.core.options import build_options
 from conveyor.core.registry import broker_from_url, default_registry, result_backend_from_url
 from conveyor.core.urls import (
     ParsedURL,
+    is_public_option,
     is_secret_key,
     mask_options,
     mask_text,
@@ -424,3 +425,85 @@ def test_masking_stays_linear_on_hostile_text() -> None:
     for text in ("a" * 200_000, "?a=" * 50_000, "a:" * 100_000, "password=" * 20_000):
         mask_text(text)
         mask_url(text)
+
+
+# ------------------------------------------------------- unknown query keys (misspelt secrets)
+
+_unknown_key = st.sampled_from(
+    ["pasword", "passowrd", "secrte", "pw", "tokne", "x", "conveyor_bogus_option", "Pass%77d"]
+)
+
+
+@given(key=_unknown_key, value=query_secrets)
+def test_the_value_of_an_unknown_query_key_is_masked(key: str, value: str) -> None:
+    """A misspelt secret key names no secret (``pasword``), but its value is one: every key
+    that is not a known public option has its value masked, in a URL and in free text."""
+    url = f"redis://127.0.0.1:6379/9?db=1&{key}={quote(value, safe='')}&ssl_cert_reqs=none"
+    masked = mask_url(url)
+    assert masked == f"redis://127.0.0.1:6379/9?db=1&{key}=***&ssl_cert_reqs=none"
+    _no_secret(mask_text(f"cannot reach {url}: refused"), "mask_text")
+    _no_secret(mask_text(f"{{'url': {url!r}}}"), "mask_text(repr)")
+    _no_secret(str(parse_url(url)), "ParsedURL")
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://h/0?pasword=QZ1", "redis://h/0?pasword=***"),
+        ("redis://h/0?db=3&visibility_timeout=30", "redis://h/0?db=3&visibility_timeout=30"),
+        (
+            "mongodb://h/db?replicaSet=rs0&authSource=admin&serverSelectionTimeoutMS=300",
+            "mongodb://h/db?replicaSet=rs0&authSource=admin&serverSelectionTimeoutMS=300",
+        ),
+        ("mongodb://h/db?replicaset=rs0&tlsCAFile=/ca.pem", None),  # case-insensitive
+        ("sqla+postgresql+psycopg://h/db?sslmode=require&conect_timeout=QZ2", None),
+        # known keys that name a secret stay masked
+        ("redis://h/0?sentinel_password=QZ3&ssl_keyfile=QZ4", None),
+    ],
+)
+def test_known_public_options_stay_visible_and_nothing_else(url: str, masked: str | None) -> None:
+    got = mask_url(url)
+    if masked is not None:
+        assert got == masked
+    assert MARK not in got
+    for key, _, value in (item.partition("=") for item in url.split("?", 1)[1].split("&")):
+        assert (f"{key}={value}" in got) is is_public_option(key), (key, got)
+
+
+def test_free_text_outside_urls_keeps_plain_pairs() -> None:
+    text = "task done: state=SUCCESS retries=2, see redis://h/0?pasword=QZ9&db=1"
+    assert mask_text(text) == "task done: state=SUCCESS retries=2, see redis://h/0?pasword=***&db=1"
+
+
+def test_every_plain_option_of_every_implementation_is_public() -> None:
+    """PUBLIC_OPTIONS lists conveyor's options by hand: a new plain option must be added
+    there (else its value is masked, which is safe but unhelpful)."""
+    import dataclasses
+    import importlib
+
+    modules = {
+        "conveyor.transports.memory": "MemoryBrokerOptions",
+        "conveyor.transports.redis": "RedisBrokerOptions",
+        "conveyor.transports.amqp": "AMQPBrokerOptions",
+        "conveyor.transports.mongodb": "MongoDBBrokerOptions",
+        "conveyor.transports.sqlalchemy": "SQLAlchemyBrokerOptions",
+        "conveyor.backends.memory": "MemoryResultBackendOptions",
+        "conveyor.backends.redis": "RedisResultBackendOptions",
+        "conveyor.backends.memcached": "MemcachedResultBackendOptions",
+        "conveyor.backends.mongodb": "MongoDBResultBackendOptions",
+        "conveyor.backends.rpc": "RPCResultBackendOptions",
+        "conveyor.backends.sqlalchemy": "SQLAlchemyResultBackendOptions",
+    }
+    # Structured values (option maps, contexts, URLs) are masked whole on purpose.
+    structured = {"sentinel_kwargs", "ssl_context", "broker_url"}
+    checked = 0
+    for module, name in modules.items():
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ImportError:  # the unit env has no drivers; the other envs check those
+            continue
+        for f in dataclasses.fields(cls):
+            if f.init and f.name not in structured and not is_secret_key(f.name):
+                assert is_public_option(f.name), f"{name}.{f.name} is not in PUBLIC_OPTIONS"
+                checked += 1
+    assert checked > 0
