@@ -41,7 +41,8 @@ Celery compatibility (celery-wire.md 4.4):
   in the same atomic step, ``PUBLISH``\\ed on the channel named like the key: what a Celery
   client's ``AsyncResult.get()`` waits for.
 * A stored SUCCESS is never overwritten, atomically: a Lua script reads the stored status
-  and writes only if it is not SUCCESS (JSON values); values the script cannot read
+  and writes only if it is not SUCCESS (JSON values; ``store_result.lua`` in
+  :mod:`conveyor._drivers.redis`'s ``lua/``); values the script cannot read
   (compressed, msgpack, ...) are checked in Python under ``WATCH`` instead. Celery checks
   with a separate GET, which two racing writers can both pass.
 * Groups: ``celery-taskset-meta-<group id>`` holds ``{"result": [[gid, null], [[[task_id,
@@ -60,10 +61,10 @@ Ids:
 Errors:
     Connection failures, timeouts and the transient error replies (``LOADING``, ``BUSY``,
     ``OOM``, a failover...) are :class:`~conveyor.core.errors.OperationalError`
-    (``redis_errors``). Replies that no retry can change are not: a key holding another type
-    (``WRONGTYPE``), a counter out of range or any other ``ERR`` reply raises
-    ``ConfigurationError`` on writes and ``DecodeError`` on reads; redis-py refusing an
-    argument (``DataError``) raises ``ConfigurationError``.
+    (:func:`conveyor._drivers.redis.translating`). Replies that no retry can change are not:
+    a key holding another type (``WRONGTYPE``), a counter out of range or any other ``ERR``
+    reply raises ``ConfigurationError`` on writes and ``DecodeError`` on reads; redis-py
+    refusing an argument (``DataError``) raises ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,15 @@ from typing import Any, ClassVar, TypeVar
 import redis
 import redis.exceptions as rexc
 
-from conveyor._redis import HeldConnections, Script
+from conveyor._drivers.redis import (
+    HeldConnections,
+    RedisConnectionOptions,
+    Script,
+    connect,
+    lua_source,
+    parse_redis_url,
+    translating,
+)
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import (
@@ -107,12 +116,6 @@ from conveyor.core.errors import (
 from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import GroupRecord, ResultRecord, State
-from conveyor.transports.redis import (
-    RedisConnectionOptions,
-    connect,
-    parse_redis_url,
-    redis_errors,
-)
 
 __all__ = ["RedisResultBackend", "RedisResultBackendOptions", "celery_key_prefix"]
 
@@ -122,34 +125,6 @@ _FETCH_CHUNK = 1000
 _UTC = timezone.utc
 
 T = TypeVar("T")
-
-# KEYS[1] the record's key (celery-task-meta-<id>, prefixed)
-# ARGV[1] the encoded meta, ARGV[2] expiry in ms (0: none)
-# Returns 1 (written and published), 0 (a SUCCESS is stored: kept, nothing published) or
-# -1 (the stored value is not JSON this script can read: the caller decides in Python).
-_STORE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  if string.sub(cur, 1, 1) ~= '{' then
-    return -1
-  end
-  local ok, doc = pcall(cjson.decode, cur)
-  if not ok or type(doc) ~= 'table' then
-    return -1
-  end
-  if doc['status'] == 'SUCCESS' then
-    return 0
-  end
-end
-local px = tonumber(ARGV[2])
-if px > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
 
 
 def celery_key_prefix(prefix: str) -> str:
@@ -163,7 +138,7 @@ def celery_key_prefix(prefix: str) -> str:
 @dataclass(frozen=True)
 class RedisResultBackendOptions(RedisConnectionOptions):
     """Options of :class:`RedisResultBackend` (seconds as float); connection settings
-    inherited from :class:`~conveyor.transports.redis.RedisConnectionOptions`.
+    inherited from :class:`~conveyor._drivers.redis.RedisConnectionOptions`.
 
     Attributes:
         default_ttl: lifetime of a record, group or counter stored with ``ttl=None``.
@@ -221,7 +196,8 @@ class _Waiter:
             # the next command reconnects, and a new connection has no subscription.
             conn.disconnect()
             self.pending_unsubscribe = False
-        conn.connect()  # a Sentinel master may have moved (conveyor/_redis.py: Reconnecting)
+        # A Sentinel master may have moved (conveyor/_drivers/redis/held.py: Reconnecting).
+        conn.connect()
         conn.send_packed_command(
             conn.pack_commands([("MULTI",), ("GET", key), ("SUBSCRIBE", key), ("EXEC",)])
         )
@@ -303,7 +279,7 @@ class RedisResultBackend(ResultBackendBase):
             compress(b"", opts.compression)  # unknown or missing compressor: fail now
         self._accept_compression = normalize_accept_compression(opts.accept_compression)
         self._prefix = celery_key_prefix(opts.global_keyprefix)
-        self._store_script = Script(client, _STORE_LUA)
+        self._store_script = Script(client, lua_source("store_result"))
         # store, fetch and fetch_many: raw commands on a connection per thread.
         self._cmd = HeldConnections(client)
         self._closed = False
@@ -338,7 +314,7 @@ class RedisResultBackend(ResultBackendBase):
     def _run(self, what: str, fn: Callable[..., T], *args: Any, reading: bool = False) -> T:
         if self._closed:
             raise ConnectionLost(f"{self!r} is closed")
-        with redis_errors(what, self.url, reading=reading):
+        with translating(what, self.url, reading=reading):
             return fn(*args)
 
     def task_key(self, task_id: str) -> str:

@@ -1,9 +1,9 @@
-"""``redis_errors`` on real Redis servers (issue 13, class 1): only what a retry may outlive
-is an ``OperationalError`` (connections, timeouts, ``LOADING``, ``BUSY``, ``OOM``,
-``READONLY``...); an error reply that says the request itself is wrong (``WRONGTYPE``,
-``ERR ...``) and an argument redis-py refuses are ``ConfigurationError`` (``DecodeError``
-when reading), so a worker fails such a task once instead of giving it back for ever.
-Replies are classified by their error code, never by their wording."""
+"""``conveyor._drivers.redis.translating`` on real Redis servers (issue 13, class 1): only what
+a retry may outlive is an ``OperationalError`` (connections, timeouts, ``LOADING``,
+``BUSY``, ``OOM``, ``READONLY``...); an error reply that says the request itself is wrong
+(``WRONGTYPE``, ``ERR ...``) and an argument redis-py refuses are ``ConfigurationError``
+(``DecodeError`` when reading), so a worker fails such a task once instead of giving it back
+for ever. Replies are classified by their error code, never by their wording."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import redis
 from redissupport import REDIS_URL, free_port, require_redis, terminating, wait_for_port
 
+from conveyor._drivers.redis import RedisConnectionOptions, reply_code, translating
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -25,12 +26,7 @@ from conveyor.core.errors import (
 )
 from conveyor.core.types import Envelope
 from conveyor.testing.support import eventually, unique_name
-from conveyor.transports.redis import (
-    RedisBroker,
-    RedisConnectionOptions,
-    redis_errors,
-    reply_code,
-)
+from conveyor.transports.redis import RedisBroker
 
 
 @pytest.fixture
@@ -52,7 +48,7 @@ def _start(binary: str, folder: Path, *extra: str) -> tuple[subprocess.Popen[byt
 
 
 def _translated(client: redis.Redis, *command: object, reading: bool = False) -> Exception:
-    with pytest.raises(Exception) as info, redis_errors("test", REDIS_URL, reading=reading):
+    with pytest.raises(Exception) as info, translating("test", REDIS_URL, reading=reading):
         client.execute_command(*command)
     return info.value
 
@@ -79,7 +75,7 @@ def test_err_replies_are_configuration_errors(client: redis.Redis) -> None:
 def test_an_argument_redis_py_refuses_is_a_configuration_error(client: redis.Redis) -> None:
     with (
         pytest.raises(ConfigurationError, match="refused an argument"),
-        redis_errors("test", REDIS_URL),
+        translating("test", REDIS_URL),
     ):
         client.set(unique_name("k"), {"a": "dict"})  # type: ignore[arg-type]
 
@@ -109,7 +105,7 @@ def test_out_of_memory_is_transient(redis_bin: str, tmp_path: Path) -> None:
         private = redis.Redis(port=port)
 
         def fill() -> None:
-            with redis_errors("test", f"redis://127.0.0.1:{port}/0"):
+            with translating("test", f"redis://127.0.0.1:{port}/0"):
                 for i in range(1000):
                     private.set(f"k{i}", b"x" * 100_000)
 
@@ -134,7 +130,7 @@ def test_a_server_busy_in_a_script_is_transient(redis_bin: str, tmp_path: Path) 
 
             def busy() -> Exception | None:
                 try:
-                    with redis_errors("test", f"redis://127.0.0.1:{port}/0"):
+                    with translating("test", f"redis://127.0.0.1:{port}/0"):
                         other.get("k")
                 except OperationalError as exc:
                     return exc
@@ -158,7 +154,7 @@ def test_a_read_only_replica_is_still_a_lost_connection(redis_bin: str, tmp_path
             try:
                 with (
                     pytest.raises(ConnectionLost),
-                    redis_errors("test", f"redis://127.0.0.1:{port}/0"),
+                    translating("test", f"redis://127.0.0.1:{port}/0"),
                 ):
                     private.set("k", "v")
             finally:

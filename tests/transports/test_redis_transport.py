@@ -25,11 +25,12 @@ from redissupport import (
     wait_for_port,
 )
 
+from conveyor._drivers.redis import parse_redis_url
 from conveyor.core.errors import ConfigurationError, ConnectionLost, InvalidURL
 from conveyor.core.registry import broker_from_url
 from conveyor.core.types import Envelope
 from conveyor.testing.support import eventually, unique_name
-from conveyor.transports.redis import RedisBroker, parse_redis_url
+from conveyor.transports.redis import RedisBroker
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Hot-path Redis commands on a connection held per thread (shared by the Redis broker and
-result backend).
+"""Hot-path Redis commands on a connection held per thread, and the Lua scripts (shared by
+the Redis broker and result backend).
 
 Why: redis-py's ``Redis.execute_command`` spends about 50 µs of CPU per command on its
 machinery (pool checkout and release, the retry wrapper, observability hooks, response
@@ -34,12 +34,20 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import redis
 import redis.exceptions as rexc
 
-__all__ = ["HeldConnections", "Script"]
+__all__ = ["HeldConnections", "Script", "lua_source"]
+
+
+def lua_source(*names: str) -> str:
+    """The text of the Lua files ``<name>.lua`` of this package's ``lua/`` directory (every
+    Lua script of the Redis broker and result backend), joined by newlines."""
+    lua = resources.files(__package__ or "conveyor._drivers.redis").joinpath("lua")
+    return "\n".join(lua.joinpath(f"{name}.lua").read_text("utf-8") for name in names)
 
 
 class Script:
