@@ -13,18 +13,14 @@ from typing import Any, ClassVar
 import pytest
 
 from conveyor.core.capabilities import Capability
-from conveyor.core.errors import (
-    ConveyorError,
-)
+from conveyor.core.errors import ConveyorError
 from conveyor.core.types import Delivery, Envelope
-from conveyor.testing.processes import (
-    ChildProcess,
-    ProcessRecipe,
-    require_sigkill,
-)
+from conveyor.testing.processes import ChildProcess, ProcessRecipe, require_sigkill
 from conveyor.testing.support import (
     REQUIRES_ATTR,
     missing_capabilities,
+    suite_process_recipe,
+    suite_spawner,
     unique_name,
 )
 
@@ -213,30 +209,16 @@ class BrokerSuite:
     @pytest.fixture
     def broker_process_recipe(self, broker: Any) -> ProcessRecipe:
         """Override: how another process builds a broker on the same queues (module doc)."""
-        recipe = ProcessRecipe.of(broker)
-        if recipe is None:
-            pytest.skip(_NO_RECIPE)
-        return recipe
+        return suite_process_recipe(broker, _NO_RECIPE)
 
     @pytest.fixture
     def spawn_broker(self, broker_process_recipe: ProcessRecipe) -> Iterator[SpawnBroker]:
         """``spawn_broker(**options)``: a broker in a new process, killed after the test."""
         require_sigkill()
-        children: list[ChildProcess] = []
-
-        def spawn(**options: Any) -> ChildProcess:
-            child = ChildProcess(
-                broker_process_recipe,
-                options=options,
-                timeout=self.process_timeout,
-                what="broker",
-            )
-            children.append(child)
-            return child
-
-        yield spawn
-        for child in children:
-            child.close()
+        with suite_spawner(
+            broker_process_recipe, timeout=self.process_timeout, what="broker"
+        ) as spawn:
+            yield spawn
 
     @pytest.fixture(autouse=True)
     def _conveyor_capability_gate(self, request: pytest.FixtureRequest) -> None:

@@ -9,10 +9,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.core.errors import (
-    ConfigurationError,
-    UnsupportedFeature,
-)
+from conveyor.core.errors import ConfigurationError, UnsupportedFeature
 from conveyor.testing.broker.base import (
     DEAD_LETTER,
     DELAYED,
@@ -24,9 +21,7 @@ from conveyor.testing.broker.base import (
     _env,
     _ids,
 )
-from conveyor.testing.support import (
-    eventually,
-)
+from conveyor.testing.support import eventually
 
 
 class CapabilityChecks(BrokerSuite):

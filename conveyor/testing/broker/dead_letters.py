@@ -15,9 +15,7 @@ from conveyor.testing.broker.base import (
     _collect,
     _env,
 )
-from conveyor.testing.support import (
-    requires,
-)
+from conveyor.testing.support import requires
 
 
 class DeadLetterChecks(BrokerSuite):

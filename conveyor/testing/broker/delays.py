@@ -5,18 +5,8 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any
 
-from conveyor.testing.broker.base import (
-    DELAYED,
-    QUEUE_SIZE,
-    BrokerSuite,
-    _collect,
-    _env,
-    _ids,
-)
-from conveyor.testing.support import (
-    eventually,
-    requires,
-)
+from conveyor.testing.broker.base import DELAYED, QUEUE_SIZE, BrokerSuite, _collect, _env, _ids
+from conveyor.testing.support import eventually, requires
 
 
 class DelayChecks(BrokerSuite):

@@ -21,14 +21,8 @@ from conveyor.testing.broker.base import (
     _collect,
     _env,
 )
-from conveyor.testing.processes import (
-    envelope_from_json,
-    envelope_to_json,
-)
-from conveyor.testing.support import (
-    eventually,
-    requires,
-)
+from conveyor.testing.processes import envelope_from_json, envelope_to_json
+from conveyor.testing.support import eventually, requires
 
 
 class DurabilityChecks(BrokerSuite):

@@ -11,21 +11,10 @@ from typing import Any
 
 import pytest
 
-from conveyor.core.errors import (
-    ConnectionLost,
-    ConveyorError,
-    OperationalError,
-)
+from conveyor.core.errors import ConnectionLost, ConveyorError, OperationalError
 from conveyor.core.urls import parse_url
-from conveyor.testing.broker.base import (
-    BrokerFactory,
-    BrokerSuite,
-    _collect,
-    _env,
-)
-from conveyor.testing.support import (
-    unique_name,
-)
+from conveyor.testing.broker.base import BrokerFactory, BrokerSuite, _collect, _env
+from conveyor.testing.support import unique_name
 
 
 class ErrorChecks(BrokerSuite):

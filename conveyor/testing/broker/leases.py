@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.core.errors import (
-    InvalidReceipt,
-)
+from conveyor.core.errors import InvalidReceipt
 from conveyor.testing.broker.base import (
     AT_LEAST_ONCE,
     LEASE_EXTENSION,
@@ -22,10 +20,7 @@ from conveyor.testing.broker.base import (
     _env,
     _ids,
 )
-from conveyor.testing.support import (
-    eventually,
-    requires,
-)
+from conveyor.testing.support import eventually, requires
 
 
 class LeaseChecks(BrokerSuite):

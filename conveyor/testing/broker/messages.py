@@ -11,10 +11,7 @@ from typing import Any
 import pytest
 
 from conveyor.core.capabilities import BROKER_CAPABILITIES, Capability
-from conveyor.core.errors import (
-    ConfigurationError,
-    UnsupportedFeature,
-)
+from conveyor.core.errors import ConfigurationError, UnsupportedFeature
 from conveyor.core.protocols import Broker, DeadLetters, LeaseExtension, QueueSize
 from conveyor.testing.broker.base import (
     DEAD_LETTER,
@@ -26,9 +23,7 @@ from conveyor.testing.broker.base import (
     _env,
     _ids,
 )
-from conveyor.testing.support import (
-    requires,
-)
+from conveyor.testing.support import requires
 
 
 class MessageChecks(BrokerSuite):

@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.core.errors import (
-    ConfigurationError,
-)
+from conveyor.core.errors import ConfigurationError
 from conveyor.testing.broker.base import (
     PRIORITY,
     QUEUE_SIZE,
@@ -23,11 +21,7 @@ from conveyor.testing.broker.base import (
     _env,
     _ids,
 )
-from conveyor.testing.support import (
-    eventually,
-    requires,
-    unique_name,
-)
+from conveyor.testing.support import eventually, requires, unique_name
 
 
 class ReceiveChecks(BrokerSuite):

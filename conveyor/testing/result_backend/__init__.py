@@ -77,11 +77,7 @@ Layout: the suite is composed of topic mixins, one module each, over a shared ba
 
 from __future__ import annotations
 
-from conveyor.testing.result_backend.base import (
-    MakeResultBackend,
-    SpawnResultBackend,
-    skip_reason,
-)
+from conveyor.testing.result_backend.base import MakeResultBackend, SpawnResultBackend, skip_reason
 from conveyor.testing.result_backend.base import _caps as _caps  # read by tests of backends
 from conveyor.testing.result_backend.capabilities import CapabilityChecks
 from conveyor.testing.result_backend.clients import ClientChecks

@@ -21,6 +21,8 @@ from conveyor.testing.support import (
     REQUIRES_ATTR,
     eventually,
     missing_capabilities,
+    suite_process_recipe,
+    suite_spawner,
 )
 
 MakeResultBackend = Callable[..., Any]
@@ -32,11 +34,6 @@ _DATE_DONE = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=_UTC)
 _DATE_TOLERANCE = timedelta(milliseconds=1)
 _LONG_TTL = 300.0
 _THREADS = 8
-#: A push ``wait`` wakes within this many seconds of the store that made the record ready.
-_WAKE_BOUND = 0.25
-#: When the stores of the wake-up tests happen, in seconds after every waiter entered
-#: ``wait`` (one waiter and one store per entry; see the tests' comment).
-_WAKE_SCHEDULE = tuple(1.5 + i / 10 for i in range(21))
 _NO_RECIPE = (
     "no result_backend_process_recipe fixture, and type(backend).from_url(backend.url) "
     "cannot be built in another process (no url, no from_url, or a class defined in a "
@@ -101,38 +98,6 @@ def _assert_same_record(got: Any, want: ResultRecord) -> None:
     assert _canon(dict(got.extended)) == _canon(dict(want.extended))
 
 
-_STATE_RESULTS: dict[State, Any] = {
-    State.PENDING: None,
-    State.RECEIVED: None,
-    State.STARTED: {"pid": 4242, "hostname": "celery@worker-1"},
-    State.SUCCESS: {"answer": 42},
-    State.FAILURE: _exc("ValueError", "boom", 42),
-    State.RETRY: _exc("Retry", "Retry in 5s", module="celery.exceptions"),
-    State.REVOKED: _exc("TaskRevokedError", "revoked", module="celery.exceptions"),
-    State.REJECTED: _exc("Reject", "no reason", module="celery.exceptions"),
-    State.IGNORED: None,
-}
-
-_RETURN_VALUES: dict[str, Any] = {
-    "none": None,
-    "zero": 0,
-    "negative-int": -17,
-    "big-int": 2**53 + 1,
-    "float": 0.1,
-    "float-integral": 3.0,
-    "true": True,
-    "false": False,
-    "empty-string": "",
-    "unicode": 'héllo wörld ✓ 日本語 🎉 \u0000 \n\t"quoted"',
-    "empty-list": [],
-    "empty-dict": {},
-    "list": [1, "two", 3.5, None, True],
-    "nested": {"a": [1, {"b": [None, {"c": "ü"}]}], "d": {"e": {"f": [[], {}]}}},
-    "large-string": "x" * (256 * 1024),
-    "large-list": list(range(10_000)),
-}
-
-
 class ResultBackendSuite:
     """What the topics of :class:`~conveyor.testing.result_backend.ResultBackendConformance`
     share."""
@@ -181,31 +146,17 @@ class ResultBackendSuite:
     @pytest.fixture
     def result_backend_process_recipe(self, result_backend: Any) -> ProcessRecipe:
         """Override: how another process builds a client on the same store (module doc)."""
-        recipe = ProcessRecipe.of(result_backend)
-        if recipe is None:
-            pytest.skip(_NO_RECIPE)
-        return recipe
+        return suite_process_recipe(result_backend, _NO_RECIPE)
 
     @pytest.fixture
     def spawn_result_backend(
         self, result_backend_process_recipe: ProcessRecipe
     ) -> Iterator[SpawnResultBackend]:
         """``spawn(**options)``: a client in a new process, killed after the test."""
-        children: list[ChildProcess] = []
-
-        def spawn(**options: Any) -> ChildProcess:
-            child = ChildProcess(
-                result_backend_process_recipe,
-                options=options,
-                timeout=self.process_timeout,
-                what="result backend",
-            )
-            children.append(child)
-            return child
-
-        yield spawn
-        for child in children:
-            child.close()
+        with suite_spawner(
+            result_backend_process_recipe, timeout=self.process_timeout, what="result backend"
+        ) as spawn:
+            yield spawn
 
     @pytest.fixture(autouse=True)
     def _skip_without_capabilities(self, request: pytest.FixtureRequest) -> None:

@@ -21,9 +21,7 @@ from conveyor.testing.result_backend.base import (
     _caps,
     _record,
 )
-from conveyor.testing.support import (
-    unique_name,
-)
+from conveyor.testing.support import unique_name
 
 
 class CapabilityChecks(ResultBackendSuite):

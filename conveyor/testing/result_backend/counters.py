@@ -16,10 +16,7 @@ from conveyor.testing.result_backend.base import (
     MakeResultBackend,
     ResultBackendSuite,
 )
-from conveyor.testing.support import (
-    requires,
-    unique_name,
-)
+from conveyor.testing.support import requires, unique_name
 
 
 class CounterChecks(ResultBackendSuite):

@@ -19,10 +19,7 @@ from conveyor.testing.result_backend.base import (
     _caps,
     _record,
 )
-from conveyor.testing.support import (
-    requires,
-    unique_name,
-)
+from conveyor.testing.support import requires, unique_name
 
 
 class ExpiryChecks(ResultBackendSuite):

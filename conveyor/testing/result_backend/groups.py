@@ -15,10 +15,7 @@ from conveyor.testing.result_backend.base import (
     _assert_same_time,
     _record,
 )
-from conveyor.testing.support import (
-    requires,
-    unique_name,
-)
+from conveyor.testing.support import requires, unique_name
 
 
 class GroupChecks(ResultBackendSuite):

@@ -11,8 +11,6 @@ import pytest
 
 from conveyor.core.types import State
 from conveyor.testing.result_backend.base import (
-    _RETURN_VALUES,
-    _STATE_RESULTS,
     _UTC,
     MakeResultBackend,
     ResultBackendSuite,
@@ -21,9 +19,38 @@ from conveyor.testing.result_backend.base import (
     _exc,
     _record,
 )
-from conveyor.testing.support import (
-    unique_name,
-)
+from conveyor.testing.support import unique_name
+
+_STATE_RESULTS: dict[State, Any] = {
+    State.PENDING: None,
+    State.RECEIVED: None,
+    State.STARTED: {"pid": 4242, "hostname": "celery@worker-1"},
+    State.SUCCESS: {"answer": 42},
+    State.FAILURE: _exc("ValueError", "boom", 42),
+    State.RETRY: _exc("Retry", "Retry in 5s", module="celery.exceptions"),
+    State.REVOKED: _exc("TaskRevokedError", "revoked", module="celery.exceptions"),
+    State.REJECTED: _exc("Reject", "no reason", module="celery.exceptions"),
+    State.IGNORED: None,
+}
+
+_RETURN_VALUES: dict[str, Any] = {
+    "none": None,
+    "zero": 0,
+    "negative-int": -17,
+    "big-int": 2**53 + 1,
+    "float": 0.1,
+    "float-integral": 3.0,
+    "true": True,
+    "false": False,
+    "empty-string": "",
+    "unicode": 'héllo wörld ✓ 日本語 🎉 \u0000 \n\t"quoted"',
+    "empty-list": [],
+    "empty-dict": {},
+    "list": [1, "two", 3.5, None, True],
+    "nested": {"a": [1, {"b": [None, {"c": "ü"}]}], "d": {"e": {"f": [[], {}]}}},
+    "large-string": "x" * (256 * 1024),
+    "large-list": list(range(10_000)),
+}
 
 
 class StoreChecks(ResultBackendSuite):

@@ -15,8 +15,6 @@ from conveyor.core.base import wait_for
 from conveyor.core.capabilities import Capability
 from conveyor.core.types import ResultRecord, State
 from conveyor.testing.result_backend.base import (
-    _WAKE_BOUND,
-    _WAKE_SCHEDULE,
     MakeResultBackend,
     ResultBackendSuite,
     SpawnResultBackend,
@@ -24,10 +22,13 @@ from conveyor.testing.result_backend.base import (
     _exc,
     _record,
 )
-from conveyor.testing.support import (
-    requires,
-    unique_name,
-)
+from conveyor.testing.support import requires, unique_name
+
+#: A push ``wait`` wakes within this many seconds of the store that made the record ready.
+_WAKE_BOUND = 0.25
+#: When the stores of the wake-up tests happen, in seconds after every waiter entered
+#: ``wait`` (one waiter and one store per entry; see the tests' comment).
+_WAKE_SCHEDULE = tuple(1.5 + i / 10 for i in range(21))
 
 
 class WaitChecks(ResultBackendSuite):
