@@ -220,6 +220,7 @@ def test_the_documented_names_of_the_suite_packages_still_import() -> None:
 @pytest.mark.parametrize(
     ("suite", "expected"),
     [("BrokerConformance", BROKER_TESTS), ("ResultBackendConformance", RESULT_BACKEND_TESTS)],
+    ids=["broker", "result_backend"],
 )
 def test_the_composed_suite_has_exactly_the_tests_it_had_before_the_split(
     suite: str, expected: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
