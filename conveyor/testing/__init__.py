@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 # Before any import of these modules: rewriting applies only to modules imported afterwards.
+# A registered name covers its submodules: the suites are packages of topic modules
+# (conveyor.testing.broker.leases, conveyor.testing.result_backend.waiting, ...).
 pytest.register_assert_rewrite(
     "conveyor.testing.broker",
     "conveyor.testing.processes",

@@ -8,19 +8,26 @@
   (pytest-xdist) against one server.
 * :func:`service_unavailable` is the one place that decides between "skip" (locally) and
   "fail" (``CI=true`` or ``CONVEYOR_REQUIRE_SERVICES=1``) when a server is not reachable.
+* :func:`suite_process_recipe` and :func:`suite_spawner` are the suites' shared mechanics for
+  an implementation built again in another process (:mod:`conveyor.testing.processes`, which
+  they import only when called).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import pytest
 
 from conveyor.core.capabilities import Capability
+
+if TYPE_CHECKING:
+    from conveyor.testing.processes import ChildProcess, ProcessRecipe
 
 __all__ = [
     "REQUIRES_ATTR",
@@ -30,6 +37,8 @@ __all__ = [
     "requires",
     "service_unavailable",
     "services_required",
+    "suite_process_recipe",
+    "suite_spawner",
     "unique_name",
 ]
 
@@ -116,3 +125,35 @@ def service_unavailable(service: str, url: str, error: BaseException | str) -> N
     if services_required():
         pytest.fail(f"{reason} (CI=true or CONVEYOR_REQUIRE_SERVICES=1: servers are required)")
     pytest.skip(reason)
+
+
+def suite_process_recipe(implementation: Any, reason: str) -> ProcessRecipe:
+    """The suites' default ``*_process_recipe`` fixture: ``ProcessRecipe.of(implementation)``
+    (``type(x).from_url(x.url)`` in another process), or skip the test with ``reason`` when
+    that cannot be built there."""
+    from conveyor.testing.processes import ProcessRecipe
+
+    recipe = ProcessRecipe.of(implementation)
+    if recipe is None:
+        pytest.skip(reason)
+    return recipe
+
+
+@contextlib.contextmanager
+def suite_spawner(
+    recipe: ProcessRecipe, *, timeout: float, what: str
+) -> Iterator[Callable[..., ChildProcess]]:
+    """``spawn(**options)``: a :class:`~conveyor.testing.processes.ChildProcess` built from
+    ``recipe``; every child spawned is closed (killed) when the block ends."""
+    from conveyor.testing.processes import ChildProcess
+
+    children: list[ChildProcess] = []
+
+    def spawn(**options: Any) -> ChildProcess:
+        child = ChildProcess(recipe, options=options, timeout=timeout, what=what)
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        child.close()
