@@ -622,7 +622,7 @@ def _install_packet_guard(engine: Engine) -> None:
             limit["max"] = found
         if rough <= limit["max"]:
             return
-        size = len(statement.encode()) + max(_packet_size(r) for r in rows)
+        size = len(statement.encode()) + max((_packet_size(r) for r in rows), default=0)
         if size > limit["max"]:
             raise _TooLarge(
                 f"a statement of {size} bytes is more than the server takes "
