@@ -280,7 +280,7 @@ class Database:
                     with self._write_lock():
                         return self._once(fn, readonly, relaxed)
                 return self._once(fn, readonly, relaxed)
-            except (sa_exc.SQLAlchemyError, ConveyorError) as exc:
+            except (sa_exc.SQLAlchemyError, ConveyorError, UnicodeEncodeError, _TooLarge) as exc:
                 if isinstance(exc, ConveyorError):
                     raise
                 if (
@@ -441,6 +441,12 @@ def translate_error(exc: BaseException, *, what: str, url: str) -> ConveyorError
     detail = _masked(Exception(raw[0][:500] if raw else type(exc).__name__), url)
     if isinstance(exc, ModuleNotFoundError):
         return MissingDependency(url.partition(":")[0], "sqlalchemy", exc.name or "driver")
+    if isinstance(exc, _TooLarge):
+        return EncodeError(f"{where}: {exc}")
+    if isinstance(exc, UnicodeEncodeError) or isinstance(orig, UnicodeEncodeError):
+        # Text the database's encoding cannot hold (a lone surrogate): drivers raise it raw,
+        # while binding, before anything is sent.
+        return EncodeError(f"{where}: the text cannot be encoded for the database: {detail}")
     sqlstate = getattr(orig, "sqlstate", None)
     code = _mysql_code(orig)
     # Classified by error classes and codes, never by message text (it changes with the
@@ -499,6 +505,8 @@ def make_database(
         ConfigurationError: SQLAlchemy rejected the URL or the settings.
     """
     if engine is not None:
+        if engine.dialect.name in ("mysql", "mariadb"):
+            _install_packet_guard(engine)
         memory = engine.dialect.name == "sqlite" and _is_sqlite_memory(engine.url)
         lock = _shared_lock(engine) if memory else None
         file_sqlite = engine.dialect.name == "sqlite" and not memory
@@ -558,6 +566,8 @@ def make_database(
         ) from None
     if backend == "sqlite":
         _install_sqlite_hooks(built, memory=memory, synchronous=settings.sqlite_synchronous)
+    if backend in ("mysql", "mariadb"):
+        _install_packet_guard(built)
     lock = _shared_lock(built) if memory else None
     return Database(built, True, url_text, memory, max_retries, lock, lock_wait)
 
@@ -574,6 +584,100 @@ def _shared_lock(engine: Engine, name: str = "_conveyor_lock") -> threading.RLoc
             lock = threading.RLock()
             engine.__dict__[name] = lock
         return lock
+
+
+# ------------------------------------------------------------------ MariaDB/MySQL packets
+# A statement longer than the server's max_allowed_packet is not refused with an error: the
+# server drops the connection (2006 "gone away", 2013), which reads as a transient outage and
+# would be retried for ever. The guard below refuses such a statement before it is sent.
+_PACKET_GUARD = "_conveyor_packet_guard"
+_PACKET_FLOOR = 64 << 10  # statements smaller than this are never checked (nor looked up)
+_ESCAPED = ("\\", "'", '"', "\0", "\n", "\r", "\x1a")  # sent as two bytes each by the drivers
+_ESCAPED_BYTES = tuple(c.encode() for c in _ESCAPED)
+
+
+class _TooLarge(Exception):
+    """Raised by the packet guard, translated to :class:`EncodeError` by the transaction."""
+
+
+def _install_packet_guard(engine: Engine) -> None:
+    """Refuse (``EncodeError``, nothing sent) a statement whose text with its escaped
+    values would exceed ``@@max_allowed_packet``, read once per engine, the first time a
+    statement of more than 64 KiB is seen. Idempotent."""
+    with _LOCKS_GUARD:
+        if engine.__dict__.get(_PACKET_GUARD) is not None:
+            return
+        limit: dict[str, int] = {}
+        engine.__dict__[_PACKET_GUARD] = limit
+
+    def check(conn: Any, _c: Any, statement: str, params: Any, _x: Any, many: bool) -> None:
+        rows = params if many else [params]
+        rough = len(statement) + max((_packet_bound(r) for r in rows), default=0)
+        if rough <= _PACKET_FLOOR:
+            return
+        if "max" not in limit:
+            found = _read_max_allowed_packet(conn)
+            if found is None:
+                return  # unknown: the statement goes as before
+            limit["max"] = found
+        if rough <= limit["max"]:
+            return
+        size = len(statement.encode()) + max((_packet_size(r) for r in rows), default=0)
+        if size > limit["max"]:
+            raise _TooLarge(
+                f"a statement of {size} bytes is more than the server takes "
+                f"(max_allowed_packet = {limit['max']} bytes): the value cannot be stored"
+            )
+
+    event.listen(engine, "before_cursor_execute", check)
+
+
+def _read_max_allowed_packet(conn: Connection) -> int | None:
+    try:  # a cursor of its own, outside SQLAlchemy's events (this runs inside one)
+        raw: Any = conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        try:
+            cursor.execute("SELECT @@max_allowed_packet")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return int(row[0])
+    except Exception as exc:  # a broken connection: the statement itself will say so
+        log.debug("could not read max_allowed_packet: %s", _brief(exc))
+        return None
+
+
+def _packet_values(row: Any) -> Collection[Any]:
+    if isinstance(row, Mapping):
+        return row.values()
+    return row if isinstance(row, list | tuple) else ()
+
+
+def _packet_bound(row: Any) -> int:
+    """An upper bound of the escaped size of one parameter set, computed without copies."""
+    total = 0
+    for v in _packet_values(row):
+        if isinstance(v, str):
+            total += 8 * len(v) + 2  # 4 UTF-8 bytes, each escaped at worst
+        elif isinstance(v, bytes | bytearray | memoryview):
+            total += 2 * len(v) + 10
+        else:
+            total += 32
+    return total
+
+
+def _packet_size(row: Any) -> int:
+    """The size of one parameter set as the drivers send it (quoted, escaped)."""
+    total = 0
+    for v in _packet_values(row):
+        if isinstance(v, str):
+            total += len(v.encode("utf-8", "replace")) + sum(map(v.count, _ESCAPED)) + 2
+        elif isinstance(v, bytes | bytearray | memoryview):
+            data = bytes(v)
+            total += len(data) + sum(map(data.count, _ESCAPED_BYTES)) + 10
+        else:
+            total += 32
+    return total
 
 
 def _driver_timeouts(

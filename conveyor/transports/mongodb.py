@@ -20,9 +20,9 @@ Limits and bad input:
     back: in the same claim it is moved to ``<queue>.dead`` with content type
     ``application/x-conveyor-undecodable``, its original fields in the header
     ``x-conveyor-original`` and the reason recorded (``conveyor.transports._common``); the
-    other messages of the claim are returned. A ``delivery_count`` that is not a number (which
-    would make every claim's ``$inc`` fail) moves its document the same way, found by the claim
-    that fails on it.
+    other messages of the claim are returned. A ``delivery_count`` that is not a number moves
+    its document the same way; one below 0 restarts at 1 and one that cannot grow stays where
+    it is (far past any ``worker_max_deliveries``: the message is refused).
 
 URL:
     ``mongodb://[user:pass@]host[:port][,host2:port...]/[database][?options]`` and
@@ -60,15 +60,15 @@ How it works (``docs/backends/mongodb.md`` has the document layout):
   names). ``ack`` deletes the document.
 * A claim is ONE ``find_one_and_update`` on ``{queue, state: ready, lease_expires <= now}``
   sorted by ``priority`` descending then ``_id`` ascending, which sets a fresh lease owner
-  token and expiry and increments ``delivery_count``; MongoDB applies it atomically to one
-  document, so two consumers never hold the same message. ``receive(max_messages=n)`` with
-  ``n > 1`` claims up to ``n`` messages in three round trips instead of ``n``: it reads the
-  ids of the best ``n`` ready messages, then ``update_many`` on those ids *with the same
-  readiness filter* stamps one fresh token (MongoDB updates each document atomically and only
-  if it still matches when written, so a message another consumer took in between is
-  skipped, never shared), then reads back the documents carrying the token. With several
-  queues one claim covers them all (``queue: {$in: ...}``): higher priority first, then the
-  oldest message.
+  token and expiry and increments ``delivery_count`` (an update pipeline: ``_NEXT_COUNT``);
+  MongoDB applies it atomically to one document, so two consumers never hold the same
+  message. ``receive(max_messages=n)`` with ``n > 1`` claims up to ``n`` messages in three
+  round trips instead of ``n``: it reads the ids of the best ``n`` ready messages, then
+  ``update_many`` on those ids *with the same readiness filter* stamps one fresh token
+  (MongoDB updates each document atomically and only if it still matches when written, so a
+  message another consumer took in between is skipped, never shared), then reads back the
+  documents carrying the token. With several queues one claim covers them all
+  (``queue: {$in: ...}``): higher priority first, then the oldest message.
 * ``ack``, ``reject`` and ``extend`` are guarded by the lease owner token: a consumer whose
   lease expired and whose message was claimed again gets :class:`InvalidReceipt`.
 * Delayed messages carry ``state: delayed``, outside the claim's index range; every
@@ -476,7 +476,27 @@ def _valid_collection_name(name: str) -> bool:
 
 # ================================================================================== broker
 
-_TYPE_MISMATCH = 14  # OperationFailure code: "Cannot apply $inc to a value of non-numeric type"
+# delivery_count as a claim sets it (an update pipeline, so it stays one round trip): a
+# count below 0 (planted, it would lift worker_max_deliveries) restarts at 1; a count at
+# _COUNT_MAX or more stays (2**63-1 + 1 cannot be stored: the claim would fail for the whole
+# queue; so far past worker_max_deliveries the message is refused); a missing count is 0; a
+# count that is not a number (text, an array) is left as it is, and the claim that picks the
+# document dead-letters it (``_delivery`` refuses it) instead of failing like $inc would.
+_COUNT_MAX = 2**31 - 1
+_COUNT = {"$ifNull": ["$delivery_count", 0]}
+_NEXT_COUNT = {
+    "$switch": {
+        "branches": [
+            {
+                "case": {"$not": [{"$in": [{"$type": _COUNT}, ["int", "long", "double"]]}]},
+                "then": _COUNT,
+            },
+            {"case": {"$lt": [_COUNT, 0]}, "then": 1},
+            {"case": {"$gte": [_COUNT, _COUNT_MAX]}, "then": _COUNT},
+        ],
+        "default": {"$add": [_COUNT, 1]},
+    }
+}
 
 
 def _guard(receipt: _Receipt) -> dict[str, Any]:
@@ -834,52 +854,14 @@ class MongoDBBroker(BrokerBase):
             self._promote(promote)
         selector: Any = names[0] if len(names) == 1 else {"$in": names}
         with self._driver(f"receive from {names!r}"):
-            for attempt in range(2):
-                try:
-                    return self._claim_pass(names, selector, limit)
-                except (mongo_errors.OperationFailure, mongo_errors.WriteError) as exc:
-                    if exc.code != _TYPE_MISMATCH or attempt:
-                        raise
-                # A document whose delivery_count is not a number fails every $inc of a claim
-                # that picks it: move such documents away, then claim again.
-                self._quarantine(names)
+            if limit == 1:
+                return self._finish(names, *self._claim_one(selector))
+            for _ in range(_BATCH_ATTEMPTS):
+                docs, token, candidates = self._claim_batch(selector, limit)
+                if docs or not candidates:
+                    return self._finish(names, docs, token)
+                # Every candidate went to other consumers between our two steps: look again.
         return []
-
-    def _claim_pass(self, names: list[str], selector: Any, limit: int) -> list[Delivery]:
-        if limit == 1:
-            return self._finish(names, *self._claim_one(selector))
-        for _ in range(_BATCH_ATTEMPTS):
-            docs, token, candidates = self._claim_batch(selector, limit)
-            if docs or not candidates:
-                return self._finish(names, docs, token)
-            # Every candidate went to other consumers between our two steps: look again.
-        return []
-
-    def _quarantine(self, names: list[str]) -> None:
-        for name in names:
-            moved = self._collection.update_many(
-                {
-                    "queue": name,
-                    "state": _READY,
-                    "delivery_count": {"$exists": True},
-                    "$or": [
-                        {"delivery_count": {"$not": {"$type": "number"}}},
-                        {"delivery_count": {"$type": "array"}},  # [1] has "type number" too
-                    ],
-                },
-                {
-                    "$set": {
-                        **self._dead_fields(name),
-                        "dead_reason": "undecodable message: delivery_count is not a number",
-                    }
-                },
-            )
-            if moved.modified_count:
-                log.error(
-                    "dead-lettered %d document(s) of %r whose delivery_count is not a number",
-                    moved.modified_count,
-                    name,
-                )
 
     def _dead_fields(self, queue: str) -> dict[str, Any]:
         """What moves a document to ``queue``'s dead-letter queue (``dead_reason`` apart)."""
@@ -943,10 +925,7 @@ class MongoDBBroker(BrokerBase):
         now = _now()
         doc = self._collection.find_one_and_update(
             {"queue": selector, "state": _READY, "lease_expires": {"$lte": now}},
-            {
-                "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
-                "$inc": {"delivery_count": 1},
-            },
+            self._stamp(token, now),
             sort=_CLAIM_ORDER,
             return_document=ReturnDocument.AFTER,
         )
@@ -975,22 +954,13 @@ class MongoDBBroker(BrokerBase):
             return [], "", 0
         token = f"{self._instance}:{next(self._sequence)}"
         try:
-            self._collection.update_many(
-                {**ready, "_id": {"$in": ids}},
-                {
-                    "$set": {"lease_owner": token, "lease_expires": self._lease_end(now)},
-                    "$inc": {"delivery_count": 1},
-                },
-            )
+            self._collection.update_many({**ready, "_id": {"$in": ids}}, self._stamp(token, now))
         except mongo_errors.PyMongoError:
-            # Stopped part-way (a delivery_count $inc cannot add to): give back what it
-            # stamped, so those messages need not wait for the lease to run out.
+            # Stopped part-way (the server failed): give back what it stamped, so those
+            # messages need not wait for the lease to run out. Their delivery_count keeps
+            # the claim (counted as a delivery: the safe side of worker_max_deliveries).
             self._collection.update_many(
-                {"lease_owner": token},
-                {
-                    "$set": {"lease_owner": None, "lease_expires": _EPOCH},
-                    "$inc": {"delivery_count": -1},
-                },
+                {"lease_owner": token}, {"$set": {"lease_owner": None, "lease_expires": _EPOCH}}
             )
             raise
         docs = list(self._collection.find({"_id": {"$in": ids}, "lease_owner": token}))
@@ -999,6 +969,11 @@ class MongoDBBroker(BrokerBase):
         rank = {i: n for n, i in enumerate(map(_id_key, ids))}
         docs.sort(key=lambda d: rank.get(_id_key(d["_id"]), 0))
         return docs, token, len(ids)
+
+    def _stamp(self, token: str, now: datetime) -> list[dict[str, Any]]:
+        """The claim's update: lease owner and expiry, and the next delivery_count."""
+        lease = {"lease_owner": token, "lease_expires": self._lease_end(now)}
+        return [{"$set": {**lease, "delivery_count": _NEXT_COUNT}}]
 
     def _lease_end(self, now: datetime) -> datetime:
         return _ceil_ms(now + timedelta(seconds=float(self.options.lease_seconds)))
@@ -1029,6 +1004,7 @@ class MongoDBBroker(BrokerBase):
             count = int(count)  # a number $inc made from a double some client wrote
         if isinstance(count, bool) or not isinstance(count, int):
             raise DecodeError(f"delivery_count is not an integer: {count!r:.40}")
+        count = max(count, 1)  # claimed: delivered at least once, whatever was stored
         envelope = Envelope(
             id=doc["message_id"],
             body=body,

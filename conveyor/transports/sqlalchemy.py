@@ -141,6 +141,10 @@ log = logging.getLogger("conveyor.transports.sqlalchemy")
 _SCHEMES = ("sqla", "sqlalchemy")
 _QUEUE_COLUMN_LENGTH = 255  # a 200-character queue name plus a few ".dead" suffixes
 _PROMOTE_BATCH = 1000
+# delivery_count is an INTEGER column (32 bits on PostgreSQL and MariaDB): a claim stops
+# counting there instead of failing on the overflow; the count is then far past any
+# worker_max_deliveries, so the message is refused, not run.
+_COUNT_MAX = 2**31 - 1
 _PURGE_BATCH = 1000
 _SETTLED_MEMORY = 10_000  # receipts remembered so a second ack/reject is a no-op
 _MAX_MESSAGES = 1000
@@ -546,7 +550,7 @@ class SQLAlchemyBroker(BrokerBase):
         self._sql_stamp = {
             "lease_owner": sa.bindparam("token"),
             "lease_expires": now + sa.bindparam("lease", type_=sa.Double()),
-            "delivery_count": t.c.delivery_count + 1,
+            "delivery_count": _next_count(t.c.delivery_count),
         }
         self._sql_stamp_ids = (
             sa.update(t)
@@ -890,7 +894,8 @@ class SQLAlchemyBroker(BrokerBase):
             correlation_id=row.correlation_id,
             reply_to=row.reply_to,
         )
-        count = int(row.delivery_count)
+        # A claimed row has been delivered at least once, whatever a foreign writer stored.
+        count = max(int(row.delivery_count), 1)
         return Delivery(
             envelope=envelope,
             queue=row.queue,
@@ -1209,6 +1214,19 @@ def _stand_in_fields(row: Any) -> dict[str, Any]:
     }
 
 
+def _next_count(count: Any) -> Any:
+    """The claim's new delivery_count (SQL for a column, Python for a value read before the
+    claim): a count below 0 (planted, it would lift worker_max_deliveries) restarts at 1, a
+    count at the column's maximum stays there (``+ 1`` would overflow and fail every claim
+    of the queue), anything else grows by one. SQLite may hold text: left as it is (a
+    claim then dead-letters the row)."""
+    if isinstance(count, sa.ColumnElement):
+        return sa.case((count >= _COUNT_MAX, count), (count < 0, 1), else_=count + 1)
+    if type(count) is not int:
+        return count
+    return count if count >= _COUNT_MAX else 1 if count < 0 else count + 1
+
+
 def _int_or_0(value: Any) -> int:
     return value if type(value) is int else 0
 
@@ -1225,7 +1243,7 @@ def _plain_column(value: Any) -> Any:
 
 
 class _Bumped:
-    """A row read before its claim UPDATE, seen as after it (delivery_count + 1)."""
+    """A row read before its claim UPDATE, seen as after it (see :func:`_next_count`)."""
 
     __slots__ = ("_row",)
 
@@ -1234,4 +1252,4 @@ class _Bumped:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._row, name)
-        return value + 1 if name == "delivery_count" else value
+        return _next_count(value) if name == "delivery_count" else value

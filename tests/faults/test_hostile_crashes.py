@@ -137,26 +137,13 @@ def test_tasks_that_attack_their_worker_fail_once_and_the_worker_serves_on(
     )  # fmt: skip
 
 
-NEGATIVE_COUNT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: the SQL and MongoDB brokers hand out a row's/document's delivery_count as it is "
-        "stored (SQLAlchemyBroker._delivery: count = int(row.delivery_count); MongoDBBroker: "
-        "doc['delivery_count']), and Worker._precheck trusts any count a broker gives: a "
-        "message planted with delivery_count = -1,000,000 that kills its worker every time is "
-        "delivered a million times instead of worker_max_deliveries (Redis refuses a sender's "
-        "own count header; a count below 0 should be refused or clamped to 0 the same way)"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "broker",
     [
-        pytest.param("sqlite", marks=NEGATIVE_COUNT),
-        pytest.param("postgres", marks=NEGATIVE_COUNT),
-        pytest.param("mysql", marks=NEGATIVE_COUNT),
-        pytest.param("mongodb", marks=NEGATIVE_COUNT),
+        "sqlite",
+        "postgres",
+        "mysql",
+        "mongodb",
     ],
 )
 def test_a_planted_negative_delivery_count_does_not_lift_worker_max_deliveries(

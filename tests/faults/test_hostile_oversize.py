@@ -31,29 +31,10 @@ from conveyor.testing.support import eventually, unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-TRANSIENT = (
-    "bug: a result over {what} is reported as {error} (transient), so the worker holds the "
-    "message retrying the store for hold_max (300 s) and then gives it back: the task runs "
-    "again, up to worker_max_deliveries times, each time blocking a slot. {where}"
-)
 CASES = [
     pytest.param("memcached", 1.5, id="memcached-1.5MiB"),
     pytest.param("mongodb", 17, id="mongodb-17MiB"),
-    pytest.param(
-        "mysql",
-        20,
-        id="mysql-20MiB",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=TRANSIENT.format(
-                what="MariaDB's max_allowed_packet (16 MiB here)",
-                error="ConnectionLost ('2006 MySQL server has gone away': the server drops "
-                "the connection)",
-                where="conveyor/_sql.py:translate_error; the SQL result backend could compare "
-                "the encoded size with @@max_allowed_packet before sending",
-            ),
-        ),
-    ),
+    pytest.param("mysql", 20, id="mysql-20MiB"),
     pytest.param("rpc", 129, id="rpc-129MiB"),
 ]
 

@@ -36,23 +36,11 @@ from conveyor.testing.support import eventually, unique_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-UNTYPED = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a lone surrogate in an envelope's id, correlation id or header values raises "
-        "a raw UnicodeEncodeError from publish: the SQL broker's _row/_insert "
-        "(conveyor/transports/sqlalchemy.py) json.dumps headers with ensure_ascii=False "
-        "and hands ids to the driver unchecked; AMQP and MongoDB raise EncodeError, as "
-        "they should"
-    ),
-)
-
 
 def _encode_params() -> list[Any]:
     out = []
     for name in ["sqlite", "postgres", "mysql", "redis", "amqp", "mongodb"]:
-        marks = [UNTYPED] if name in ("sqlite", "postgres", "mysql") else []
-        out.append(pytest.param(name, marks=marks, id=name))
+        out.append(pytest.param(name, id=name))
     return out
 
 

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from bson import Binary
+from bson import Binary, Int64
 from mongosupport import mongodb_url  # noqa: F401 - a fixture
 
 from conveyor.core.errors import ConfigurationError
@@ -240,3 +240,30 @@ def test_a_bad_driver_value_is_refused_with_the_password_masked() -> None:
         MongoDBBroker.from_url("mongodb://u:s3cret@127.0.0.1:1/db?w=majority&journal=maybe")
     assert "s3cret" not in str(info.value)
     assert "journal" in str(info.value)
+
+
+@pytest.mark.parametrize("limit", [1, 10], ids=["one-per-claim", "batch-claims"])
+def test_a_planted_count_below_0_restarts_at_1_and_one_that_cannot_grow_stays(
+    make: Make, queue: str, limit: int
+) -> None:
+    # Below 0 it would lift worker_max_deliveries; at 2**63-1 the $inc of every claim of the
+    # queue failed (the whole queue stood still).
+    broker = make()
+    _insert(broker, queue, message_id="negative", delivery_count=-1_000_000)
+    _insert(broker, queue, message_id="stuck", delivery_count=Int64(2**63 - 1))
+    _insert(broker, queue, message_id="good")
+    seen: dict[str, list[int | None]] = {}
+    for _ in range(2):  # delivered, given back, delivered again
+        got = _drain_n(broker, queue, limit, 3)
+        assert sorted(d.envelope.id for d in got) == ["good", "negative", "stuck"]
+        for delivery in got:
+            seen.setdefault(delivery.envelope.id, []).append(delivery.delivery_count)
+            broker.reject(delivery, requeue=True)
+    assert seen == {"negative": [1, 2], "stuck": [2**63 - 1] * 2, "good": [1, 2]}
+
+
+def _drain_n(broker: MongoDBBroker, queue: str, limit: int, n: int) -> list[Delivery]:
+    got: list[Delivery] = []
+    while len(got) < n and (batch := broker.receive(queue, max_messages=limit, timeout=1)):
+        got += batch
+    return got
