@@ -618,7 +618,8 @@ class App:
         return Worker(self, **options)
 
     def worker_main(self, argv: Iterable[str] | None = None) -> None:
-        """Run the worker CLI for this app (``app.worker_main(['worker', '-l', 'info'])``)."""
-        from conveyor.cli import main
+        """Run the worker command for this app (``app.worker_main(['worker', '-l', 'info'])``;
+        see :func:`conveyor.runtime.command.worker_main`)."""
+        from conveyor.runtime.command import worker_main
 
-        main(args=list(argv or ["worker"]), obj=self)
+        worker_main(self, argv)
