@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from conveyor.core.base import check_id
 from conveyor.core.capabilities import Capability
@@ -39,7 +39,11 @@ from conveyor.core.types import Envelope
 from conveyor.core.urls import mask_url
 from conveyor.runtime.config import Settings
 from conveyor.runtime.result import AsyncResult
+from conveyor.runtime.sending import SEND_OPTIONS, SendOptions
 from conveyor.runtime.task import Task
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["App", "default_broker_url", "default_result_backend_url"]
 
@@ -310,60 +314,21 @@ class App:
         name: str,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        serializer: str | None = None,
-        compression: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        retries: int = 0,
-        parent_id: str | None = None,
-        root_id: str | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        reply_to: str | None = None,
-        **unknown: Any,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult:
         """Send task ``name`` (it need not be defined here) and return its ``AsyncResult``.
 
-        ``countdown``/``eta`` are held by the broker (``delayed_delivery``), never by a worker.
+        ``options``: :class:`~conveyor.runtime.sending.SendOptions`. ``countdown``/``eta`` are
+        held by the broker (``delayed_delivery``), never by a worker.
 
         Raises:
             UnsupportedFeature: a delay or priority the broker does not declare.
             ConfigurationError: unknown options.
         """
+        unknown = options.keys() - SEND_OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown apply_async option(s): {', '.join(sorted(unknown))}")
-        envelope, target, delay, wants_result = self._prepare(
-            name,
-            args,
-            kwargs,
-            countdown=countdown,
-            eta=eta,
-            expires=expires,
-            queue=queue,
-            priority=priority,
-            serializer=serializer,
-            compression=compression,
-            headers=headers,
-            task_id=task_id,
-            ignore_result=ignore_result,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            retries=retries,
-            parent_id=parent_id,
-            root_id=root_id,
-            group_id=group_id,
-            group_index=group_index,
-            reply_to=reply_to,
-        )
+        envelope, target, delay, wants_result = self._prepare(name, args, kwargs, options)
         self._publish([envelope], target, delay, wants_result)
         return AsyncResult(envelope.id, app=self)
 
@@ -372,7 +337,7 @@ class App:
         name: str,
         args_list: Iterable[Sequence[Any]],
         kwargs: Mapping[str, Any] | None = None,
-        **options: Any,
+        **options: Unpack[SendOptions],
     ) -> list[AsyncResult]:
         """Send task ``name`` once per item of ``args_list``, in as few broker round trips as
         the broker allows (its ``publish_many``: one Lua call per 1,000 messages on Redis, one
@@ -387,13 +352,16 @@ class App:
         """
         if "task_id" in options:
             raise ConfigurationError("send_many gives every message its own task id")
+        unknown = options.keys() - SEND_OPTIONS
+        if unknown:
+            raise TypeError(f"send_many() got unexpected keyword argument(s): {sorted(unknown)}")
         results: list[AsyncResult] = []
         batch: list[Envelope] = []
         target = ""
         delay: float | None = None
         wants_result = False
         for args in args_list:
-            envelope, queue, when, wants = self._prepare(name, args, kwargs, **options)
+            envelope, queue, when, wants = self._prepare(name, args, kwargs, options)
             # A batch goes to one queue with one delay: the first message's (an ``eta``
             # gives each message a delay microseconds shorter than the one before).
             if batch and (queue != target or (when is None) != (delay is None)):
@@ -487,30 +455,17 @@ class App:
     def _prepare(
         self,
         name: str,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        serializer: str | None = None,
-        compression: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        retries: int = 0,
-        parent_id: str | None = None,
-        root_id: str | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        reply_to: str | None = None,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: SendOptions,
     ) -> tuple[Envelope, str, float | None, bool]:
         """Build (and sign) the envelope of one task message: ``(envelope, queue, delay,
         wants_result)``."""
+        eta, priority = options.get("eta"), options.get("priority")
+        countdown, expires = options.get("countdown"), options.get("expires")
+        time_limit, soft_time_limit = options.get("time_limit"), options.get("soft_time_limit")
+        task_id, group_id = options.get("task_id"), options.get("group_id")
+        ignore_result, reply_to = options.get("ignore_result"), options.get("reply_to")
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         now = datetime.now(timezone.utc)
@@ -553,27 +508,27 @@ class App:
             kwargs=kwargs,
             eta=eta,
             expires=expires_at,
-            retries=retries,
+            retries=options.get("retries", 0),
             timelimit=(time_limit, soft_time_limit),
-            root_id=root_id or task_id,
-            parent_id=parent_id,
+            root_id=options.get("root_id") or task_id,
+            parent_id=options.get("parent_id"),
             group=group_id,
-            group_index=group_index,
+            group_index=options.get("group_index"),
             origin=self.origin,
             ignore_result=not wants_result,
             reply_to=reply_to or self.oid,
             priority=int(priority or 0),
-            headers=dict(headers or {}),
+            headers=dict(options.get("headers") or {}),
         )
         envelope = build_envelope(
             message,
-            serializer=serializer or self.conf.task_serializer,
-            compression=compression or self.conf.task_compression,
+            serializer=options.get("serializer") or self.conf.task_serializer,
+            compression=options.get("compression") or self.conf.task_compression,
         )
         signer = signer_from_config(self.conf.security_key)
         if signer is not None:  # security_key set: sign body and headers (core/signing.py)
             envelope = signer.sign(envelope)
-        target = queue or self.route(name, args, kwargs)
+        target = options.get("queue") or self.route(name, args, kwargs)
         return envelope, target, delay or None, wants_result
 
     def _check_id(self, value: Any, what: str, wants_result: bool) -> str:

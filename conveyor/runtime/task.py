@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 from conveyor.runtime.exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from conveyor.runtime.app import App
     from conveyor.runtime.result import AsyncResult
+    from conveyor.runtime.sending import SendOptions
 
 __all__ = ["Request", "Task"]
 
@@ -211,11 +214,12 @@ class Task:
         self,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
-        **options: Any,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult:
-        """Send the task. Options as Celery's: ``countdown``, ``eta``, ``expires``, ``queue``,
-        ``priority``, ``serializer``, ``compression``, ``headers``, ``task_id``,
-        ``ignore_result``, ``time_limit``, ``soft_time_limit``."""
+        """Send the task. Options as Celery's (:class:`~conveyor.runtime.sending.SendOptions`):
+        ``countdown``, ``eta``, ``expires``, ``queue``, ``priority``, ``serializer``,
+        ``compression``, ``headers``, ``task_id``, ``ignore_result``, ``time_limit``,
+        ``soft_time_limit``, ..."""
         options.setdefault("queue", self.queue)
         if self.priority is not None:
             options.setdefault("priority", self.priority)
@@ -224,9 +228,10 @@ class Task:
         options.setdefault("ignore_result", self.ignore_result)
         # Only limits given on the task travel in the message (as Celery's); the
         # task_time_limit settings are the worker's to apply when the task runs.
-        for key in ("time_limit", "soft_time_limit"):
-            if self._options[key] is not None:
-                options.setdefault(key, self._options[key])
+        if self._options["time_limit"] is not None:
+            options.setdefault("time_limit", self._options["time_limit"])
+        if self._options["soft_time_limit"] is not None:
+            options.setdefault("soft_time_limit", self._options["soft_time_limit"])
         return self.app.send_task(self.name, args, kwargs, **options)
 
     def s(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
