@@ -27,12 +27,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, overload
 
 from conveyor.core.base import check_id
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import TaskMessage, build_envelope
 from conveyor.core.errors import ConfigurationError, OperationalError
+from conveyor.core.protocols import Broker, ResultBackend
 from conveyor.core.registry import Registry, default_registry
 from conveyor.core.signing import signer_from_config
 from conveyor.core.types import Envelope
@@ -40,6 +41,7 @@ from conveyor.core.urls import mask_url
 from conveyor.runtime.config import Settings
 from conveyor.runtime.result import AsyncResult
 from conveyor.runtime.sending import SEND_OPTIONS, SendOptions
+from conveyor.runtime.storing import routes_by_reply_to
 from conveyor.runtime.task import Task
 
 if TYPE_CHECKING:
@@ -68,6 +70,12 @@ def default_broker_url() -> str:
 def default_result_backend_url() -> str:
     """The embedded default result store: SQLite next to the default broker."""
     return f"db+sqlite:///{_home() / 'results.db'}"
+
+
+class _RoutesReplies(Protocol):
+    """What the app calls on a backend declaring ``routes_by_reply_to`` (rpc://)."""
+
+    def declare_reply_queue(self) -> None: ...
 
 
 class App:
@@ -110,8 +118,8 @@ class App:
         self.registry = registry
         self.tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
-        self._broker: Any = None
-        self._backend: Any = None
+        self._broker: Broker | None = None
+        self._backend: ResultBackend | None = None
         self._declared: set[str] = set()
         self._forked_leftovers: tuple[Any, Any] = (None, None)
         self._reply_declared = False
@@ -157,7 +165,7 @@ class App:
 
     # ---- connections (lazy, long-lived, one per app)
     @property
-    def broker(self) -> Any:
+    def broker(self) -> Broker:
         """The app's broker, built on first use and kept for the app's lifetime."""
         if self._broker is None:
             with self._lock:
@@ -168,7 +176,7 @@ class App:
         return self._broker
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> ResultBackend:
         """The app's result backend, built on first use and kept for the app's lifetime."""
         if self._backend is None:
             with self._lock:
@@ -189,7 +197,7 @@ class App:
         if kind == "broker" and Capability.LEASE_EXTENSION in getattr(cls, "capabilities", ()):
             # The worker's heartbeat renews leases of this length.
             options.setdefault("lease_seconds", float(self.conf.worker_lease_seconds))
-        if kind == "result_backend" and getattr(cls, "routes_by_reply_to", False):
+        if kind == "result_backend" and routes_by_reply_to(cls):
             # rpc://: results travel over the broker to this app's reply queue.
             options.setdefault("broker_url", self.broker_url)
             options.setdefault("reply_to", self.oid)
@@ -208,7 +216,7 @@ class App:
         cached = self._routes_replies
         if cached is None or cached[0] != url:  # a registry lookup per send cost ~10% of it
             cls = (self.registry or default_registry).lookup("result_backend", url)
-            cached = self._routes_replies = (url, bool(getattr(cls, "routes_by_reply_to", False)))
+            cached = self._routes_replies = (url, routes_by_reply_to(cls))
         return cached[1]
 
     def _after_fork(self) -> None:
@@ -383,7 +391,7 @@ class App:
         self, envelopes: list[Envelope], target: str, delay: float | None, wants_result: bool
     ) -> None:
         if wants_result and self._reply_queue_needed():
-            self.backend.declare_reply_queue()
+            cast(_RoutesReplies, self.backend).declare_reply_queue()
             self._reply_declared = True
         broker = self.broker
 

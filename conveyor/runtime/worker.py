@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from conveyor.core.capabilities import Capability
 from conveyor.core.compression import normalize_accept_compression
@@ -55,6 +55,7 @@ from conveyor.core.errors import (
     InvalidReceipt,
     OperationalError,
 )
+from conveyor.core.protocols import ExpirySweep, LeaseExtension
 from conveyor.core.signing import signer_from_config
 from conveyor.core.types import Delivery
 from conveyor.core.urls import mask_url
@@ -424,7 +425,7 @@ class Worker(DeliveryHandling):
             return live
 
     def _heartbeat_loop(self) -> None:
-        broker = self.app.broker
+        broker = cast(LeaseExtension, self.app.broker)  # when it declares lease_extension
         if Capability.LEASE_EXTENSION not in getattr(broker, "capabilities", frozenset()):
             return
         interval = max(0.2, self.lease_seconds / 3.0)
@@ -476,7 +477,7 @@ class Worker(DeliveryHandling):
         while not self._stopping.wait(wait):
             wait = interval
             try:
-                deleted = self.app.backend.purge_expired()
+                deleted = cast(ExpirySweep, self.app.backend).purge_expired()
             except ConveyorError as exc:
                 log.warning(
                     "expired-result sweep failed (%s); next in %.0fs", describe(exc), interval
