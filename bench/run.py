@@ -6,7 +6,7 @@ Usage::
 
 For each backend pair (``redis`` -> redis, ``amqp`` -> rpc (drain results in Redis),
 ``sqlite`` -> sqlite, ``postgres`` -> postgres, ``mongodb`` -> mongodb) it runs
-:func:`conveyor.runtime.bench.run_pair` (enqueue, drain, round trip, result store/fetch), then
+:func:`bench.harness.run_pair` (enqueue, drain, round trip, result store/fetch), then
 worker memory (idle, and after 100,000 delayed tasks are queued) and the raw client limits
 (redis-py pipelined LPUSH, ``redis-benchmark -P 100``, pika with and without confirms). It
 prints one Markdown table of medians [min-max] and conveyor / Celery ratios, checks the
@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from conveyor.runtime.bench import (
+from bench.harness import (
     Figure,
     Pair,
     Settings,
@@ -150,7 +150,7 @@ def _wait_ready(app: Any, queue: str, lib: str, timeout: float = 60.0) -> None:
 def measure_rss(settings: Settings, delayed: int, include_amqp: bool) -> list[Figure]:
     """Idle RSS of solo and prefork (-c 2, children included) workers, and solo RSS after
     ``delayed`` tasks with a one-hour countdown are queued for the worker."""
-    from conveyor.runtime.bench import _make_celery_app, _make_conveyor_app
+    from bench.harness import _make_celery_app, _make_conveyor_app
 
     rows = {
         "idle": Figure("worker RSS idle (solo)", "redis", "MiB", higher_is_better=False),
@@ -247,7 +247,7 @@ def measure_rss(settings: Settings, delayed: int, include_amqp: bool) -> list[Fi
 
 
 def _idle_rss(lib: str, broker: str, backend: str) -> float:
-    from conveyor.runtime.bench import _make_celery_app, _make_conveyor_app
+    from bench.harness import _make_celery_app, _make_conveyor_app
 
     app = (
         _make_conveyor_app(broker, backend)

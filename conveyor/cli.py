@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import sys
 import time
@@ -24,18 +23,9 @@ import click
 
 from conveyor.core.errors import ConveyorError
 from conveyor.core.urls import mask_text, mask_url
+from conveyor.runtime.command import LOG_FORMAT, setup_logging, worker
 
-__all__ = ["find_app", "main", "setup_logging"]
-
-LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr at ``level`` (debug, info, warning, error) with Celery's line shape."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise click.BadParameter(f"unknown log level {level!r}", param_hint="-l/--loglevel")
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
+__all__ = ["LOG_FORMAT", "find_app", "main", "setup_logging"]
 
 
 def find_app(spec: str) -> Any:
@@ -89,69 +79,7 @@ def main(ctx: click.Context, app_spec: str | None) -> None:
         ctx.obj._app = preset
 
 
-@main.command()
-@click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume.")
-@click.option("-c", "--concurrency", type=int, default=None, help="Tasks run at once.")
-@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
-@click.option("-l", "--loglevel", default="warning", show_default=True)
-@click.option("-n", "--hostname", default=None, help="Node name (default conveyor@<host>).")
-@click.option("--prefetch-multiplier", type=int, default=None)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Hard time limit in seconds for tasks without their own (task_time_limit).",
-)
-@click.option(
-    "--soft-time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Soft time limit in seconds for tasks without their own (task_soft_time_limit).",
-)
-@click.pass_obj
-def worker(
-    obj: _Ctx,
-    queues: str | None,
-    concurrency: int | None,
-    pool: str | None,
-    loglevel: str,
-    hostname: str | None,
-    prefetch_multiplier: int | None,
-    time_limit: float | None,
-    soft_time_limit: float | None,
-) -> None:
-    """Consume queues and run tasks until SIGTERM (warm) or a second signal (cold).
-
-    With the prefork pool, children ignore SIGTERM and SIGINT: a signal to the whole process
-    group (systemd's default KillMode, Ctrl-C) is the parent's to act on, so it is a warm
-    shutdown like a signal to the worker alone.
-    """
-    setup_logging(loglevel)
-    app = obj.app
-    if time_limit is not None:
-        app.conf.task_time_limit = time_limit
-    if soft_time_limit is not None:
-        app.conf.task_soft_time_limit = soft_time_limit
-    w = app.Worker(
-        queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
-        concurrency=concurrency,
-        pool=pool,
-        hostname=hostname,
-        prefetch_multiplier=prefetch_multiplier,
-    )
-    click.echo(w.banner(), err=True)
-    if app.uses_embedded_default:
-        click.echo(
-            "  note: no broker configured; using the embedded SQLite default. Set "
-            "CONVEYOR_BROKER_URL (or broker=...) for anything beyond one machine.",
-            err=True,
-        )
-    try:
-        w.start()
-    except ConveyorError as exc:
-        raise click.ClickException(mask_text(str(exc))) from exc
-    finally:
-        app.close()
+main.add_command(worker)
 
 
 @main.command()
@@ -236,6 +164,27 @@ def check(url: str, kind: str, rounds: int, timeout: float) -> None:
         click.echo(f"  {op:<14} {p50:>9.3f} {p99:>9.3f} {worst:>9.3f}")
 
 
+def _bench_harness() -> Any:
+    """``bench.harness`` from the checkout this conveyor runs from (or the current directory);
+    exits 2 when there is none (an installed wheel ships no benchmark harness)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for where in (root, os.getcwd()):
+        if os.path.isfile(os.path.join(where, "bench", "harness.py")):
+            if where not in sys.path:
+                sys.path.insert(0, where)
+            break
+    try:
+        return importlib.import_module("bench.harness")
+    except ImportError as exc:
+        click.echo(
+            f"conveyor bench: the benchmark harness is not importable ({exc}); it is the "
+            "bench/ directory of conveyor's repository: run this from a checkout "
+            "(or `make bench` there)",
+            err=True,
+        )
+        raise SystemExit(2) from exc
+
+
 @main.command()
 @click.argument("url")
 @click.option("--backend", default=None, help="Result backend URL (default: derived from URL).")
@@ -254,8 +203,9 @@ def bench(
     no_celery: bool,
 ) -> None:
     """Measure conveyor (and Celery, when installed) on the broker at URL: enqueue, drain,
-    round trip, result store/fetch. Prints medians [min-max] and conveyor / Celery ratios."""
-    from conveyor.runtime.bench import Settings, default_pair, format_table, run_pair
+    round trip, result store/fetch. Prints medians [min-max] and conveyor / Celery ratios.
+    Needs a checkout of conveyor's repository (the harness is its bench/ directory)."""
+    harness = _bench_harness()
 
     celery = not no_celery
     if celery:
@@ -264,7 +214,7 @@ def bench(
         except ImportError:
             click.echo("celery is not installed: measuring conveyor alone", err=True)
             celery = False
-    settings = Settings(
+    settings = harness.Settings(
         messages=2_000 if quick else messages,
         roundtrips=200 if quick else roundtrips,
         records=500 if quick else 2_000,
@@ -273,12 +223,12 @@ def bench(
         celery=celery,
         log=lambda text: click.echo(text, err=True),
     )
-    pair = default_pair(url, backend)
+    pair = harness.default_pair(url, backend)
     try:
-        figures = run_pair(pair, settings)
+        figures = harness.run_pair(pair, settings)
     except ConveyorError as exc:
         raise click.ClickException(f"{mask_url(url)}: {mask_text(str(exc))}") from exc
-    click.echo(format_table(figures))
+    click.echo(harness.format_table(figures))
 
 
 @main.command()

@@ -11,8 +11,10 @@ Capabilities come in two kinds:
   ``publish(delay=...)``; ``lease_extension`` allows ``extend()``). Using an undeclared feature
   raises :class:`~conveyor.core.errors.UnsupportedFeature`.
 * **guarantees** describe semantics a caller may rely on (``durable``, ``cross_process``,
-  ``multi_reader``, ``at_least_once``). They have no method; the runtime reads them to warn
-  (for example, a worker on a broker without ``at_least_once``).
+  ``multi_reader``, ``at_least_once``, ``native_ttl``, ``routes_by_reply_to``). They have no
+  method; the runtime reads them to warn (for example, a worker on a broker without
+  ``at_least_once``), to skip work (no expiry sweep with ``native_ttl``) or to wire the
+  implementation (``routes_by_reply_to``).
 """
 
 from __future__ import annotations
@@ -42,8 +44,6 @@ class Capability(str, enum.Enum):
     """A delivery not acked by a consumer that dies is delivered again."""
 
     # ---- result backend features
-    NATIVE_TTL = "native_ttl"
-    """The store itself expires results; no sweeper is needed."""
     EXPIRY_SWEEP = "expiry_sweep"
     """``purge_expired()`` deletes expired results in bounded batches."""
     WAIT = "wait"
@@ -53,8 +53,15 @@ class Capability(str, enum.Enum):
     GROUPS = "groups"
     """``store_group()``, ``fetch_group()``, ``forget_group()``."""
     # ---- result backend guarantees
+    NATIVE_TTL = "native_ttl"
+    """The store itself expires results; no sweeper is needed."""
     MULTI_READER = "multi_reader"
     """Any client may fetch any result, any number of times (rpc:// cannot)."""
+    ROUTES_BY_REPLY_TO = "routes_by_reply_to"
+    """A result is a message to its sender's reply queue (rpc://): the worker puts the task's
+    ``reply_to`` and ``correlation_id`` into ``ResultRecord.extended``, and the app builds
+    the backend with ``broker_url=``, ``reply_to=`` and ``default_ttl=`` and declares the
+    reply queue before its first send that wants a result."""
 
     # ---- shared guarantees
     DURABLE = "durable"
@@ -87,6 +94,7 @@ RESULT_BACKEND_CAPABILITIES = frozenset(
         Capability.COUNTERS,
         Capability.GROUPS,
         Capability.MULTI_READER,
+        Capability.ROUTES_BY_REPLY_TO,
         Capability.DURABLE,
         Capability.CROSS_PROCESS,
     }

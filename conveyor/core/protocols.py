@@ -34,10 +34,13 @@ General rules for every method below:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from conveyor.core.capabilities import Capability
 from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "Broker",
@@ -71,6 +74,17 @@ class Broker(Protocol):
     """
 
     capabilities: ClassVar[frozenset[Capability]]
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """Build an instance from ``url``; ``options`` override the URL's query parameters.
+        :func:`~conveyor.core.registry.broker_from_url` calls it for the registered scheme.
+
+        Raises:
+            InvalidURL, ConfigurationError, MissingDependency: the URL or an option is wrong,
+                or the driver is not installed.
+        """
+        ...
 
     def declare_queue(self, name: str) -> None:
         """Create queue ``name`` if it does not exist. Idempotent.
@@ -217,6 +231,18 @@ class ResultBackend(Protocol):
     """
 
     capabilities: ClassVar[frozenset[Capability]]
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """Build an instance from ``url``; ``options`` override the URL's query parameters.
+        :func:`~conveyor.core.registry.result_backend_from_url` calls it for the registered
+        scheme.
+
+        Raises:
+            InvalidURL, ConfigurationError, MissingDependency: the URL or an option is wrong,
+                or the driver is not installed.
+        """
+        ...
 
     def store(self, record: ResultRecord, *, ttl: float | None = None) -> None:
         """Save ``record`` under ``record.task_id``. See the class docstring.

@@ -17,12 +17,12 @@ import importlib
 import importlib.util
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from conveyor.core.errors import ConfigurationError, MissingDependency, UnknownScheme
 from conveyor.core.options import closest
+from conveyor.core.protocols import Broker, ResultBackend
 from conveyor.core.urls import mask_url, scheme_of
 
 __all__ = [
@@ -326,18 +326,22 @@ _SQL_DIALECTS = frozenset(
 default_registry = Registry()
 
 
-def broker_from_url(url: str, *, registry: Registry | None = None, **options: Any) -> Any:
-    """Build a broker from ``url``; ``options`` override the URL's query parameters.
+def broker_from_url(url: str, *, registry: Registry | None = None, **options: Any) -> Broker:
+    """Build a broker from ``url`` (its class's :meth:`Broker.from_url
+    <conveyor.core.protocols.Broker.from_url>`); ``options`` override the URL's query
+    parameters.
 
     >>> broker = broker_from_url("memory://")
     """
-    cls = (registry or default_registry).lookup("broker", url)
-    factory: Callable[..., Any] = cls.from_url
-    return factory(url, **options)
+    cls: type[Broker] = (registry or default_registry).lookup("broker", url)
+    return cls.from_url(url, **options)
 
 
-def result_backend_from_url(url: str, *, registry: Registry | None = None, **options: Any) -> Any:
-    """Build a result backend from ``url``; ``options`` override the URL's query parameters."""
-    cls = (registry or default_registry).lookup("result_backend", url)
-    factory: Callable[..., Any] = cls.from_url
-    return factory(url, **options)
+def result_backend_from_url(
+    url: str, *, registry: Registry | None = None, **options: Any
+) -> ResultBackend:
+    """Build a result backend from ``url`` (its class's :meth:`ResultBackend.from_url
+    <conveyor.core.protocols.ResultBackend.from_url>`); ``options`` override the URL's query
+    parameters."""
+    cls: type[ResultBackend] = (registry or default_registry).lookup("result_backend", url)
+    return cls.from_url(url, **options)

@@ -15,6 +15,7 @@ from conveyor.runtime.exceptions import (
     WorkerLostError,
 )
 from conveyor.runtime.result import AsyncResult, GetTimeout
+from conveyor.runtime.sending import SendOptions
 from conveyor.runtime.task import Request, Task
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Reject",
     "Request",
     "Retry",
+    "SendOptions",
     "Settings",
     "SoftTimeLimitExceeded",
     "Task",

@@ -27,19 +27,25 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, overload
 
 from conveyor.core.base import check_id
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import TaskMessage, build_envelope
 from conveyor.core.errors import ConfigurationError, OperationalError
+from conveyor.core.protocols import Broker, ResultBackend
 from conveyor.core.registry import Registry, default_registry
 from conveyor.core.signing import signer_from_config
 from conveyor.core.types import Envelope
 from conveyor.core.urls import mask_url
 from conveyor.runtime.config import Settings
 from conveyor.runtime.result import AsyncResult
+from conveyor.runtime.sending import SEND_OPTIONS, SendOptions
+from conveyor.runtime.storing import routes_by_reply_to
 from conveyor.runtime.task import Task
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["App", "default_broker_url", "default_result_backend_url"]
 
@@ -64,6 +70,12 @@ def default_broker_url() -> str:
 def default_result_backend_url() -> str:
     """The embedded default result store: SQLite next to the default broker."""
     return f"db+sqlite:///{_home() / 'results.db'}"
+
+
+class _RoutesReplies(Protocol):
+    """What the app calls on a backend declaring ``routes_by_reply_to`` (rpc://)."""
+
+    def declare_reply_queue(self) -> None: ...
 
 
 class App:
@@ -106,8 +118,8 @@ class App:
         self.registry = registry
         self.tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
-        self._broker: Any = None
-        self._backend: Any = None
+        self._broker: Broker | None = None
+        self._backend: ResultBackend | None = None
         self._declared: set[str] = set()
         self._forked_leftovers: tuple[Any, Any] = (None, None)
         self._reply_declared = False
@@ -153,7 +165,7 @@ class App:
 
     # ---- connections (lazy, long-lived, one per app)
     @property
-    def broker(self) -> Any:
+    def broker(self) -> Broker:
         """The app's broker, built on first use and kept for the app's lifetime."""
         if self._broker is None:
             with self._lock:
@@ -164,7 +176,7 @@ class App:
         return self._broker
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> ResultBackend:
         """The app's result backend, built on first use and kept for the app's lifetime."""
         if self._backend is None:
             with self._lock:
@@ -185,7 +197,7 @@ class App:
         if kind == "broker" and Capability.LEASE_EXTENSION in getattr(cls, "capabilities", ()):
             # The worker's heartbeat renews leases of this length.
             options.setdefault("lease_seconds", float(self.conf.worker_lease_seconds))
-        if kind == "result_backend" and getattr(cls, "routes_by_reply_to", False):
+        if kind == "result_backend" and routes_by_reply_to(cls):
             # rpc://: results travel over the broker to this app's reply queue.
             options.setdefault("broker_url", self.broker_url)
             options.setdefault("reply_to", self.oid)
@@ -204,7 +216,7 @@ class App:
         cached = self._routes_replies
         if cached is None or cached[0] != url:  # a registry lookup per send cost ~10% of it
             cls = (self.registry or default_registry).lookup("result_backend", url)
-            cached = self._routes_replies = (url, bool(getattr(cls, "routes_by_reply_to", False)))
+            cached = self._routes_replies = (url, routes_by_reply_to(cls))
         return cached[1]
 
     def _after_fork(self) -> None:
@@ -310,60 +322,21 @@ class App:
         name: str,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        serializer: str | None = None,
-        compression: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        retries: int = 0,
-        parent_id: str | None = None,
-        root_id: str | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        reply_to: str | None = None,
-        **unknown: Any,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult:
         """Send task ``name`` (it need not be defined here) and return its ``AsyncResult``.
 
-        ``countdown``/``eta`` are held by the broker (``delayed_delivery``), never by a worker.
+        ``options``: :class:`~conveyor.runtime.sending.SendOptions`. ``countdown``/``eta`` are
+        held by the broker (``delayed_delivery``), never by a worker.
 
         Raises:
             UnsupportedFeature: a delay or priority the broker does not declare.
             ConfigurationError: unknown options.
         """
+        unknown = options.keys() - SEND_OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown apply_async option(s): {', '.join(sorted(unknown))}")
-        envelope, target, delay, wants_result = self._prepare(
-            name,
-            args,
-            kwargs,
-            countdown=countdown,
-            eta=eta,
-            expires=expires,
-            queue=queue,
-            priority=priority,
-            serializer=serializer,
-            compression=compression,
-            headers=headers,
-            task_id=task_id,
-            ignore_result=ignore_result,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            retries=retries,
-            parent_id=parent_id,
-            root_id=root_id,
-            group_id=group_id,
-            group_index=group_index,
-            reply_to=reply_to,
-        )
+        envelope, target, delay, wants_result = self._prepare(name, args, kwargs, options)
         self._publish([envelope], target, delay, wants_result)
         return AsyncResult(envelope.id, app=self)
 
@@ -372,7 +345,7 @@ class App:
         name: str,
         args_list: Iterable[Sequence[Any]],
         kwargs: Mapping[str, Any] | None = None,
-        **options: Any,
+        **options: Unpack[SendOptions],
     ) -> list[AsyncResult]:
         """Send task ``name`` once per item of ``args_list``, in as few broker round trips as
         the broker allows (its ``publish_many``: one Lua call per 1,000 messages on Redis, one
@@ -387,13 +360,16 @@ class App:
         """
         if "task_id" in options:
             raise ConfigurationError("send_many gives every message its own task id")
+        unknown = options.keys() - SEND_OPTIONS
+        if unknown:
+            raise TypeError(f"send_many() got unexpected keyword argument(s): {sorted(unknown)}")
         results: list[AsyncResult] = []
         batch: list[Envelope] = []
         target = ""
         delay: float | None = None
         wants_result = False
         for args in args_list:
-            envelope, queue, when, wants = self._prepare(name, args, kwargs, **options)
+            envelope, queue, when, wants = self._prepare(name, args, kwargs, options)
             # A batch goes to one queue with one delay: the first message's (an ``eta``
             # gives each message a delay microseconds shorter than the one before).
             if batch and (queue != target or (when is None) != (delay is None)):
@@ -415,7 +391,7 @@ class App:
         self, envelopes: list[Envelope], target: str, delay: float | None, wants_result: bool
     ) -> None:
         if wants_result and self._reply_queue_needed():
-            self.backend.declare_reply_queue()
+            cast(_RoutesReplies, self.backend).declare_reply_queue()
             self._reply_declared = True
         broker = self.broker
 
@@ -487,30 +463,17 @@ class App:
     def _prepare(
         self,
         name: str,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        expires: float | datetime | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        serializer: str | None = None,
-        compression: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        ignore_result: bool | None = None,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-        retries: int = 0,
-        parent_id: str | None = None,
-        root_id: str | None = None,
-        group_id: str | None = None,
-        group_index: int | None = None,
-        reply_to: str | None = None,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: SendOptions,
     ) -> tuple[Envelope, str, float | None, bool]:
         """Build (and sign) the envelope of one task message: ``(envelope, queue, delay,
         wants_result)``."""
+        eta, priority = options.get("eta"), options.get("priority")
+        countdown, expires = options.get("countdown"), options.get("expires")
+        time_limit, soft_time_limit = options.get("time_limit"), options.get("soft_time_limit")
+        task_id, group_id = options.get("task_id"), options.get("group_id")
+        ignore_result, reply_to = options.get("ignore_result"), options.get("reply_to")
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         now = datetime.now(timezone.utc)
@@ -553,27 +516,27 @@ class App:
             kwargs=kwargs,
             eta=eta,
             expires=expires_at,
-            retries=retries,
+            retries=options.get("retries", 0),
             timelimit=(time_limit, soft_time_limit),
-            root_id=root_id or task_id,
-            parent_id=parent_id,
+            root_id=options.get("root_id") or task_id,
+            parent_id=options.get("parent_id"),
             group=group_id,
-            group_index=group_index,
+            group_index=options.get("group_index"),
             origin=self.origin,
             ignore_result=not wants_result,
             reply_to=reply_to or self.oid,
             priority=int(priority or 0),
-            headers=dict(headers or {}),
+            headers=dict(options.get("headers") or {}),
         )
         envelope = build_envelope(
             message,
-            serializer=serializer or self.conf.task_serializer,
-            compression=compression or self.conf.task_compression,
+            serializer=options.get("serializer") or self.conf.task_serializer,
+            compression=options.get("compression") or self.conf.task_compression,
         )
         signer = signer_from_config(self.conf.security_key)
         if signer is not None:  # security_key set: sign body and headers (core/signing.py)
             envelope = signer.sign(envelope)
-        target = queue or self.route(name, args, kwargs)
+        target = options.get("queue") or self.route(name, args, kwargs)
         return envelope, target, delay or None, wants_result
 
     def _check_id(self, value: Any, what: str, wants_result: bool) -> str:
@@ -618,7 +581,8 @@ class App:
         return Worker(self, **options)
 
     def worker_main(self, argv: Iterable[str] | None = None) -> None:
-        """Run the worker CLI for this app (``app.worker_main(['worker', '-l', 'info'])``)."""
-        from conveyor.cli import main
+        """Run the worker command for this app (``app.worker_main(['worker', '-l', 'info'])``;
+        see :func:`conveyor.runtime.command.worker_main`)."""
+        from conveyor.runtime.command import worker_main
 
-        main(args=list(argv or ["worker"]), obj=self)
+        worker_main(self, argv)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from conveyor.core.capabilities import Capability
 from conveyor.core.errors import OperationalError
 from conveyor.core.types import ResultRecord, State
 from conveyor.runtime.execution import describe, failure
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from conveyor.runtime.app import App
     from conveyor.runtime.task import Request
 
-__all__ = ["ResultWriter", "StoreGaveUp", "minimal_record", "show"]
+__all__ = ["ResultWriter", "StoreGaveUp", "minimal_record", "routes_by_reply_to", "show"]
 
 log = logging.getLogger("conveyor.worker")
 
@@ -101,7 +102,7 @@ class ResultWriter:
                 "retries": request.retries,
                 "queue": request.delivery_info.get("routing_key"),
             }
-        if getattr(self.app.backend, "routes_by_reply_to", False):
+        if routes_by_reply_to(self.app.backend):
             # rpc://: the result is a message to the sender's reply queue (celery-wire 3.5);
             # the backend takes these two keys out of the stored meta.
             extended["reply_to"] = request.reply_to or ""
@@ -230,3 +231,13 @@ def _plain_id(value: str | None) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
+
+
+def routes_by_reply_to(backend: Any) -> bool:
+    """Whether a result backend (class or instance) declares
+    :attr:`~conveyor.core.capabilities.Capability.ROUTES_BY_REPLY_TO` (rpc://). The class
+    attribute ``routes_by_reply_to = True`` that backends set before the capability existed
+    is still honoured."""
+    if Capability.ROUTES_BY_REPLY_TO in getattr(backend, "capabilities", ()):
+        return True
+    return bool(getattr(backend, "routes_by_reply_to", False))

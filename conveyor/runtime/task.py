@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from conveyor.core.errors import ConfigurationError
 from conveyor.runtime.exceptions import MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from conveyor.runtime.app import App
     from conveyor.runtime.result import AsyncResult
+    from conveyor.runtime.sending import SendOptions
 
-__all__ = ["RateLimiter", "Request", "Task", "parse_rate"]
+__all__ = ["Request", "Task"]
 
 
 @dataclass
@@ -213,11 +214,12 @@ class Task:
         self,
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
-        **options: Any,
+        **options: Unpack[SendOptions],
     ) -> AsyncResult:
-        """Send the task. Options as Celery's: ``countdown``, ``eta``, ``expires``, ``queue``,
-        ``priority``, ``serializer``, ``compression``, ``headers``, ``task_id``,
-        ``ignore_result``, ``time_limit``, ``soft_time_limit``."""
+        """Send the task. Options as Celery's (:class:`~conveyor.runtime.sending.SendOptions`):
+        ``countdown``, ``eta``, ``expires``, ``queue``, ``priority``, ``serializer``,
+        ``compression``, ``headers``, ``task_id``, ``ignore_result``, ``time_limit``,
+        ``soft_time_limit``, ..."""
         options.setdefault("queue", self.queue)
         if self.priority is not None:
             options.setdefault("priority", self.priority)
@@ -226,9 +228,10 @@ class Task:
         options.setdefault("ignore_result", self.ignore_result)
         # Only limits given on the task travel in the message (as Celery's); the
         # task_time_limit settings are the worker's to apply when the task runs.
-        for key in ("time_limit", "soft_time_limit"):
-            if self._options[key] is not None:
-                options.setdefault(key, self._options[key])
+        if self._options["time_limit"] is not None:
+            options.setdefault("time_limit", self._options["time_limit"])
+        if self._options["soft_time_limit"] is not None:
+            options.setdefault("soft_time_limit", self._options["soft_time_limit"])
         return self.app.send_task(self.name, args, kwargs, **options)
 
     def s(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -294,35 +297,3 @@ class Task:
         if throw:
             raise signal
         return signal
-
-
-def parse_rate(rate: str | float | int | None) -> float | None:
-    """Tasks per second from Celery's ``"10/s"``, ``"100/m"``, ``"1000/h"`` or a number."""
-    if rate is None or rate == "":
-        return None
-    if isinstance(rate, (int, float)):
-        per_second = float(rate)
-    else:
-        count, _, unit = str(rate).partition("/")
-        divisor = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip().lower())
-        if divisor is None:
-            raise ConfigurationError(f"bad rate_limit {rate!r}: use N/s, N/m or N/h")
-        per_second = float(count) / divisor
-    return per_second if per_second > 0 else None
-
-
-class RateLimiter:
-    """Spaces starts of one task evenly: at most ``per_second`` starts per second per worker."""
-
-    def __init__(self, per_second: float) -> None:
-        self.interval = 1.0 / per_second
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def acquire(self, stopping: threading.Event) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            stopping.wait(start - now)

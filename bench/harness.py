@@ -1,4 +1,5 @@
-"""Side-by-side benchmarks of conveyor and Celery on the same servers (``conveyor bench URL``).
+"""Side-by-side benchmarks of conveyor and Celery on the same servers (``make bench``,
+``conveyor bench URL`` from a checkout).
 
 One *pair* is a broker URL and the result backend URL that goes with it (``redis`` ->
 ``redis``, ``amqp`` -> ``rpc``, ``sqlite`` -> ``sqlite``, ...). For a pair this module
@@ -17,9 +18,11 @@ Every figure is a list of runs (the report shows median, min and max). Every loo
 in count *and* time: a run that hits its time cap reports what it did within the cap. Queues
 are unique per run and purged or deleted afterwards; worker subprocesses are always stopped.
 
-Worker subprocesses import this module for their app (``-A conveyor.runtime.bench:conveyor_app``
-or ``:celery_app``), configured from ``CONVEYOR_BENCH_*`` environment variables; so this
-module imports nothing heavy at import time.
+Worker subprocesses import this module for their app (``-A bench.harness:conveyor_app`` or
+``:celery_app``, with the checkout's root on ``PYTHONPATH``), configured from
+``CONVEYOR_BENCH_*`` environment variables; so this module imports nothing heavy at import
+time. It lives in the repository's ``bench/`` (not in the installed package): the runtime
+holds the runtime only.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ _ENV_RESULTS = "CONVEYOR_BENCH_RESULTS"
 _ENV_POLL = "CONVEYOR_BENCH_CELERY_POLL"
 #: Schemes on which conveyor and Celery share the wire format and the queue layout.
 _WIRE_SHARED = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
+#: The checkout's root: worker subprocesses import ``bench.harness`` from there, wherever
+#: they were started.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ============================================================================ data
@@ -263,12 +269,12 @@ def __getattr__(name: str) -> Any:
 def worker_command(lib: str, queue: str, *, pool: str = "solo", concurrency: int = 1) -> list[str]:
     """The command line of a worker subprocess consuming ``queue``."""
     if lib == "conveyor":
-        cmd = [sys.executable, "-m", "conveyor.cli", "-A", "conveyor.runtime.bench:conveyor_app"]
+        cmd = [sys.executable, "-m", "conveyor.cli", "-A", "bench.harness:conveyor_app"]
         cmd += ["worker", "-P", pool, "-Q", queue, "-l", "warning"]
         if pool != "solo":
             cmd += ["-c", str(concurrency)]
         return cmd
-    cmd = [sys.executable, "-m", "celery", "-A", "conveyor.runtime.bench:celery_app", "worker"]
+    cmd = [sys.executable, "-m", "celery", "-A", "bench.harness:celery_app", "worker"]
     cmd += ["-P", pool, "-c", str(concurrency), "-Q", queue, "-l", "warning"]
     return [*cmd, "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
@@ -287,8 +293,10 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """Start a worker subprocess (its own session, so it can be stopped as a group)."""
     env = dict(os.environ)
+    path = env.get("PYTHONPATH")
     env.update(
         {
+            "PYTHONPATH": os.pathsep.join([str(ROOT), path]) if path else str(ROOT),
             _ENV_BROKER: broker,
             _ENV_BACKEND: backend,
             _ENV_RESULTS: "1" if results else "0",
