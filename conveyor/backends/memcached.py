@@ -95,9 +95,10 @@ from pymemcache.exceptions import (
     MemcacheUnknownCommandError,
 )
 
-from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase, check_default_ttl
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import (
+    celery_key_prefix,
     decode_meta,
     decode_payload,
     encode_meta,
@@ -107,7 +108,6 @@ from conveyor.core.celery import (
 from conveyor.core.compression import (
     BUILTIN_METHODS,
     DEFAULT_MAX_SIZE,
-    normalize_accept_compression,
 )
 from conveyor.core.errors import (
     ConfigurationError,
@@ -120,7 +120,7 @@ from conveyor.core.errors import (
     OperationTimeout,
 )
 from conveyor.core.options import build_options
-from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.serializers import SerializerRegistry
 from conveyor.core.types import GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_text, mask_url, parse_url, scheme_of
 
@@ -273,13 +273,7 @@ class MemcachedResultBackendOptions:
     contention_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        ttl = self.default_ttl
-        if ttl is not None and (
-            isinstance(ttl, bool)
-            or not isinstance(ttl, int | float)
-            or not (ttl >= 0 and (math.isfinite(ttl) or ttl == math.inf))
-        ):
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        check_default_ttl(self.default_ttl)
         for name in ("connect_timeout", "timeout", "contention_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (
@@ -292,7 +286,7 @@ class MemcachedResultBackendOptions:
             raise ConfigurationError(
                 "global_keyprefix must be printable ASCII without spaces (a memcached key)"
             )
-        if len(_celery_prefix(self.global_keyprefix)) > _MAX_PREFIX:
+        if len(celery_key_prefix(self.global_keyprefix)) > _MAX_PREFIX:
             raise ConfigurationError(
                 f"global_keyprefix is longer than {_MAX_PREFIX - 1} characters: keys are at "
                 f"most {_MAX_KEY_BYTES} bytes"
@@ -310,13 +304,6 @@ def _brief(name: str) -> str:
     """An id as error messages show it: its ``repr``, cut short."""
     text = repr(name)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _celery_prefix(prefix: str) -> str:
-    """Celery's result-backend rule: ``x`` -> ``x_`` unless it ends with ``:_-.``."""
-    if prefix and prefix[-1] not in ":_-.":
-        return prefix + "_"
-    return prefix
 
 
 class MemcachedResultBackend(ResultBackendBase):
@@ -358,12 +345,8 @@ class MemcachedResultBackend(ResultBackendBase):
             raise ConfigurationError("a memcached result backend needs at least one server")
         self.servers = tuple(servers)
         self.url = url or "cache+memcached://" + ";".join(f"{h}:{p}" for h, p in self.servers) + "/"
-        self.default_ttl = opts.default_ttl if opts.default_ttl else None
-        self._serializers = serializers or default_serializers
-        self._serializer = self._serializers.get(opts.serializer)
-        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
-        self._accept_compression = normalize_accept_compression(opts.accept_compression)
-        prefix = _celery_prefix(opts.global_keyprefix)
+        self._set_up_results(opts, serializers)
+        prefix = celery_key_prefix(opts.global_keyprefix)
         self._task_prefix = prefix + _TASK_PREFIX
         self._group_prefix = prefix + _GROUP_PREFIX
         self._counter_prefix = prefix + _COUNTER_PREFIX

@@ -91,10 +91,11 @@ from conveyor._drivers.redis import (
     parse_redis_url,
     translating,
 )
-from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase, check_default_ttl
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import (
     COMPRESSED_RESULT_MARKER,
+    celery_key_prefix,
     decode_meta,
     decode_payload,
     encode_meta,
@@ -105,7 +106,6 @@ from conveyor.core.compression import (
     BUILTIN_METHODS,
     DEFAULT_MAX_SIZE,
     compress,
-    normalize_accept_compression,
 )
 from conveyor.core.errors import (
     ConfigurationError,
@@ -114,10 +114,10 @@ from conveyor.core.errors import (
     SerializationError,
 )
 from conveyor.core.options import build_options
-from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.serializers import SerializerRegistry
 from conveyor.core.types import GroupRecord, ResultRecord, State
 
-__all__ = ["RedisResultBackend", "RedisResultBackendOptions", "celery_key_prefix"]
+__all__ = ["RedisResultBackend", "RedisResultBackendOptions"]
 
 TASK_KEY = "celery-task-meta-"
 GROUP_KEY = "celery-taskset-meta-"
@@ -125,14 +125,6 @@ _FETCH_CHUNK = 1000
 _UTC = timezone.utc
 
 T = TypeVar("T")
-
-
-def celery_key_prefix(prefix: str) -> str:
-    """Celery's rule for the result backend's ``global_keyprefix``: add ``_`` unless the
-    prefix already ends in ``:``, ``_``, ``-`` or ``.``."""
-    if not prefix or prefix[-1] in ":_-.":
-        return prefix
-    return prefix + "_"
 
 
 @dataclass(frozen=True)
@@ -161,9 +153,7 @@ class RedisResultBackendOptions(RedisConnectionOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ttl = self.default_ttl
-        if ttl is not None and not ttl >= 0:
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        check_default_ttl(self.default_ttl)
         if not self.wait_recheck_interval > 0:
             raise ConfigurationError("wait_recheck_interval must be > 0 seconds")
 
@@ -269,15 +259,9 @@ class RedisResultBackend(ResultBackendBase):
     ) -> None:
         self.options = opts = options or RedisResultBackendOptions()
         self.url = url
-        self.default_ttl = opts.default_ttl if opts.default_ttl else None
+        self._set_up_results(opts, serializers)
         self._client = client
         self._owns_client = _owns_client
-        self._serializers = serializers or default_serializers
-        self._serializer = self._serializers.get(opts.serializer)
-        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
-        if opts.compression:
-            compress(b"", opts.compression)  # unknown or missing compressor: fail now
-        self._accept_compression = normalize_accept_compression(opts.accept_compression)
         self._prefix = celery_key_prefix(opts.global_keyprefix)
         self._store_script = Script(client, lua_source("store_result"))
         # store, fetch and fetch_many: raw commands on a connection per thread.

@@ -23,8 +23,10 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from conveyor.core.capabilities import Capability
+from conveyor.core.compression import compress, normalize_accept_compression
 from conveyor.core.errors import ConfigurationError, UnsupportedFeature
 from conveyor.core.protocols import describe
+from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import Delivery, Envelope, GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_url
 
@@ -35,6 +37,7 @@ __all__ = [
     "BrokerBase",
     "HeldLeases",
     "ResultBackendBase",
+    "check_default_ttl",
     "check_id",
     "validate_queue_name",
 ]
@@ -112,6 +115,19 @@ def check_id(value: object, what: str = "task id", *, max_bytes: int = MAX_ID_BY
             f"accepts at most {max_bytes}"
         )
     return value
+
+
+def check_default_ttl(ttl: float | None) -> None:
+    """Refuse a result backend's ``default_ttl`` that is not ``None`` or a number of
+    seconds >= 0 (``0`` keeps records until forgotten). For the options' ``__post_init__``.
+
+    Raises:
+        ConfigurationError: negative, NaN or not a number.
+    """
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl >= 0
+    ):
+        raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
 
 
 def validate_queue_name(name: str) -> str:
@@ -316,6 +332,31 @@ class ResultBackendBase(_Closable):
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     default_ttl: float | None = DEFAULT_RESULT_TTL
     max_id_bytes: ClassVar[int] = MAX_ID_BYTES
+
+    def _set_up_results(self, options: Any, serializers: SerializerRegistry | None) -> None:
+        """The result codec every store sets up the same way, from its options object:
+
+        * ``default_ttl``: the options' (``0`` or ``None``: records are kept until forgotten);
+        * ``_serializers``: the registry given, else :data:`default_serializers`;
+        * ``_serializer``: the one that writes (``options.serializer``; unknown: refused now);
+        * ``_accept``: what reads decode (``options.accept``, empty: the serializer alone);
+        * ``_accept_compression``: the compression methods a Celery 5.7 compressed payload
+          may use when read (``options.accept_compression`` where the options have it,
+          else none); ``options.compression``, where present, is checked now.
+
+        Raises:
+            ConfigurationError, MissingDependency: an unknown serializer or compression.
+        """
+        self.default_ttl = options.default_ttl if options.default_ttl else None
+        self._serializers = serializers or default_serializers
+        self._serializer = self._serializers.get(options.serializer)
+        self._accept = self._serializers.normalize_accept(options.accept or (options.serializer,))
+        compression = getattr(options, "compression", None)
+        if compression:
+            compress(b"", compression)  # unknown or missing compressor: fail now
+        self._accept_compression = normalize_accept_compression(
+            getattr(options, "accept_compression", None)
+        )
 
     def validate_task_id(self, task_id: str) -> None:
         """Raise ``ConfigurationError`` unless this backend can store ``task_id`` and read

@@ -12,8 +12,8 @@ import pytest
 import redis
 from redissupport import REDIS_URL, delete_keys, require_redis
 
-from conveyor.backends.redis import RedisResultBackend, celery_key_prefix
-from conveyor.core.celery import COMPRESSED_RESULT_MARKER
+from conveyor.backends.redis import RedisResultBackend
+from conveyor.core.celery import COMPRESSED_RESULT_MARKER, celery_key_prefix
 from conveyor.core.types import GroupRecord, ResultRecord, State
 from conveyor.testing.support import eventually, unique_name
 

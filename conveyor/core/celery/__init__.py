@@ -47,6 +47,7 @@ from conveyor.core.celery.messages import (
 )
 from conveyor.core.celery.results import (
     COMPRESSED_RESULT_MARKER,
+    celery_key_prefix,
     decode_meta,
     decode_payload,
     encode_meta,
@@ -69,6 +70,7 @@ __all__ = [
     "TaskMessage",
     "TaskPeek",
     "build_envelope",
+    "celery_key_prefix",
     "decode_meta",
     "decode_payload",
     "default_origin",

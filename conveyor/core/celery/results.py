@@ -23,6 +23,7 @@ from conveyor.core.types import EXCEPTION_STATES, GroupRecord, ResultRecord, Sta
 
 __all__ = [
     "COMPRESSED_RESULT_MARKER",
+    "celery_key_prefix",
     "decode_meta",
     "decode_payload",
     "encode_meta",
@@ -429,3 +430,11 @@ def _member_id(member: Any) -> str:
     if not isinstance(task_id, str):
         raise ValueError(f"member id must be a string, got {task_id!r}")
     return task_id
+
+
+def celery_key_prefix(prefix: str) -> str:
+    """Celery's rule for a result backend's ``global_keyprefix`` (Redis, memcached): add
+    ``_`` unless the prefix is empty or already ends in ``:``, ``_``, ``-`` or ``.``."""
+    if not prefix or prefix[-1] in ":_-.":
+        return prefix
+    return prefix + "_"
