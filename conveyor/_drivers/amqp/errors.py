@@ -27,6 +27,7 @@ from .options import redact_url
 
 __all__ = ["LinkDown", "Nacked", "said", "translate_error", "translating"]
 
+
 class Nacked(OperationalError):
     """RabbitMQ answered a publish with basic.nack (a full queue with ``reject-publish``, an
     internal error): the message was not accepted. Transient for callers."""
@@ -83,8 +84,8 @@ def translate_error(exc: BaseException, *, what: str, url: str = "") -> Conveyor
     inner = _unwrap(exc)
     errors = pika.exceptions
     if isinstance(inner, errors.ChannelClosedByBroker):
-        said = mask_text(str(inner.reply_text))
-        text = f"{where}: RabbitMQ closed the channel: {inner.reply_code} {said}"
+        reply = mask_text(str(inner.reply_text))
+        text = f"{where}: RabbitMQ closed the channel: {inner.reply_code} {reply}"
         if inner.reply_code == 404:
             return QueueNotFound(text)
         if inner.reply_code in (403, 406):

@@ -35,6 +35,7 @@ COPIED_PROPERTIES = (
     "reply_to", "expiration", "message_id", "timestamp", "type", "app_id", "cluster_id",
 )  # fmt: skip
 
+
 def _encode_value(pieces: list[bytes], value: Any) -> None:
     """One AMQP field-table value, typed as py-amqp (Celery's client) types it.
 
@@ -211,7 +212,6 @@ def fix_pika_decoding() -> bool:
 fix_pika_decoding()
 
 
-
 def plain(value: Any) -> Any:
     """pika decodes 64-bit integers as a private ``int`` subclass; make values plain.
 
@@ -243,5 +243,3 @@ def bytes_fields(properties: Any) -> str:
         for name in names
         if type(getattr(properties, name)) is bytes
     )
-
-

@@ -49,7 +49,6 @@ _RETRY_LOG_INTERVAL = 30.0  # seconds between warnings while reconnect attempts 
 fix_pika_decoding()
 
 
-
 class _QuietProbes(logging.Filter):
     """Drop pika's warning for a 404 on an admin channel of ours.
 
@@ -113,7 +112,6 @@ Op = Generator[Rpc, Any, T]
 
 A channel error during a step is thrown into the generator (translated), so an operation may
 catch it (a passive declare that finds nothing) and go on; the channel is reopened first."""
-
 
 
 class _Chan:
@@ -758,4 +756,3 @@ class AMQPLink(Publisher):
             else:
                 op.future.set_result(result)
         self._ioloop.add_callback_threadsafe(self._kick_ops)
-

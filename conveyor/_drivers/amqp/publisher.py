@@ -57,7 +57,6 @@ class _PubBatch:
             self.done.set()
 
 
-
 class Publisher:
     """Publisher confirms: every publish waits for RabbitMQ's confirm; concurrent publishers
     share round trips; after a reconnect the unconfirmed messages are published again."""
@@ -206,9 +205,7 @@ class Publisher:
                 batch.ack(index)
             else:
                 batch.fail(
-                    Nacked(
-                        "RabbitMQ refused a published message (basic.nack): it was not accepted"
-                    )
+                    Nacked("RabbitMQ refused a published message (basic.nack): it was not accepted")
                 )
 
 
