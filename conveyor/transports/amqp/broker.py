@@ -41,7 +41,7 @@ __all__ = ["AMQPBroker", "AMQPPriorityBroker"]
 
 
 class AMQPBroker(AMQPConsumers):
-    """RabbitMQ broker on pika; see the module docstring for semantics.
+    """RabbitMQ broker on pika; see :mod:`conveyor.transports.amqp` for semantics.
 
     Args:
         endpoints: hosts in failover order (:func:`parse_amqp_url`).

@@ -49,7 +49,7 @@ __all__ = ["DELIVERIES_HEADER", "AMQPConsumers"]
 log = logging.getLogger("conveyor.transports.amqp")
 
 #: Classic queues: how many deliveries of the message came before this copy was published
-#: (see "Delivery counts" in the module docstring). Removed from the envelope on receipt.
+#: (see "Delivery counts" in the package docstring). Removed from the envelope on receipt.
 DELIVERIES_HEADER = "x-conveyor-deliveries"
 
 _MAX_COUNT = 2**31 - 2  # x-conveyor-deliveries stays a 32-bit AMQP integer
@@ -573,7 +573,7 @@ class AMQPConsumers(AMQPTopology):
 
         Dead-lettering publishes a copy to ``<queue>.dead`` with the ``reason`` and source
         queue in headers, waits for its confirm, then acks; with ``dead_letter="dlx"`` too
-        (RabbitMQ's own move could not record the reason; see the module docstring).
+        (RabbitMQ's own move could not record the reason; see the package docstring).
 
         Raises:
             InvalidReceipt: as for :meth:`ack`.
