@@ -25,13 +25,13 @@ Options (keyword > URL query > default; :class:`RPCResultBackendOptions`):
     ``accept_compression`` (methods a compressed result may use; default: every built-in
     one; decompression stops at 64 MiB), ``max_cached`` (100000 records kept in memory,
     oldest dropped first), plus the AMQP connection options of
-    :class:`~conveyor.transports.amqp.AMQPConnectionOptions` (among them
+    :class:`~conveyor._drivers.amqp.options.AMQPConnectionOptions` (among them
     ``max_message_size``: a result body over it, 128 MiB by default as RabbitMQ's, raises
     ``EncodeError`` and nothing is sent; RabbitMQ would close the connection over it).
 
 Thread-safety:
     One instance may be shared by the threads of one process: it owns one AMQP connection
-    driven by one I/O thread (:class:`~conveyor.transports.amqp.AMQPLink`), and the records
+    driven by one I/O thread (:class:`~conveyor._drivers.amqp.link.AMQPLink`), and the records
     read so far sit behind a lock. Never share it across ``fork()``.
 
 Compatible with Celery's rpc backend in both directions (celery-wire 3.5): a worker publishes
@@ -71,6 +71,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from conveyor._drivers.amqp.fields import Properties
+from conveyor._drivers.amqp.link import AMQPLink, Op, rpc
+from conveyor._drivers.amqp.options import (
+    AMQPConnectionOptions,
+    check_message_size,
+    parse_amqp_url,
+    redact_url,
+)
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import decode_meta, encode_meta
@@ -91,16 +99,6 @@ from conveyor.core.options import build_options
 from conveyor.core.serializers import default_serializers
 from conveyor.core.types import ResultRecord, State
 from conveyor.core.urls import parse_url, scheme_of
-from conveyor.transports.amqp import (
-    AMQPConnectionOptions,
-    AMQPLink,
-    Op,
-    Properties,
-    check_message_size,
-    parse_amqp_url,
-    redact_url,
-    rpc,
-)
 
 __all__ = ["BARRIER_PREFIX", "RPCResultBackend", "RPCResultBackendOptions"]
 

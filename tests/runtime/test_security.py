@@ -298,7 +298,8 @@ def test_amqps_urls_reach_pika_with_a_tls_context() -> None:
     pytest.importorskip("pika")
     import ssl
 
-    from conveyor.transports.amqp import AMQPBroker, connection_parameters
+    from conveyor._drivers.amqp.options import connection_parameters
+    from conveyor.transports.amqp import AMQPBroker
 
     broker = AMQPBroker.from_url(f"amqps://guest:{PASSWORD}@127.0.0.1//?ssl_cert_reqs=required")
     try:

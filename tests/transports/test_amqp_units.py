@@ -15,6 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pika.adapters.utils import connection_workflow as workflow
 
+from conveyor._drivers.amqp.errors import translate_error
+from conveyor._drivers.amqp.options import connection_parameters
 from conveyor.backends.rpc import RPCResultBackend
 from conveyor.core.errors import (
     ConfigurationError,
@@ -26,7 +28,6 @@ from conveyor.core.errors import (
     QueueNotFound,
 )
 from conveyor.core.registry import default_registry
-from conveyor.transports import amqp
 from conveyor.transports.amqp import (
     DELAY_LEVELS,
     DELAY_RESOLUTION,
@@ -35,10 +36,9 @@ from conveyor.transports.amqp import (
     AMQPPriorityBroker,
     Properties,
     check_message_size,
-    connection_parameters,
     parse_amqp_url,
     redact_url,
-    translate_error,
+    topology,
 )
 
 # ================================================================================ URLs
@@ -270,37 +270,37 @@ def _topic_match(pattern: str, key: str) -> bool:
 
 def _bindings(queue: str, levels: range) -> dict[str, list[tuple[str, str]]]:
     """exchange -> [(pattern, destination)] as the broker declares them."""
-    token = amqp._target_token(queue)
+    token = topology._target_token(queue)
     table: dict[str, list[tuple[str, str]]] = {}
     for level in range(DELAY_LEVELS):
-        source = amqp._delay_exchange(level)
+        source = topology._delay_exchange(level)
         table.setdefault(source, []).append(
-            (amqp._pattern(level, "0", "#"), amqp._delay_exchange(level - 1))
+            (topology._pattern(level, "0", "#"), topology._delay_exchange(level - 1))
         )
     for level in levels:
-        table[amqp._delay_exchange(level)].append(
+        table[topology._delay_exchange(level)].append(
             (
-                amqp._pattern(level, "1", "*." * level + token),
-                "queue:" + amqp.delay_queue_name(queue, level),
+                topology._pattern(level, "1", "*." * level + token),
+                "queue:" + topology.delay_queue_name(queue, level),
             )
         )
-    table.setdefault(amqp._delay_exchange(-1), []).append(("#." + token, "queue:" + queue))
+    table.setdefault(topology._delay_exchange(-1), []).append(("#." + token, "queue:" + queue))
     return table
 
 
-@given(st.floats(min_value=0.001, max_value=amqp.MAX_DELAY), st.text(min_size=1, max_size=30))
+@given(st.floats(min_value=0.001, max_value=topology.MAX_DELAY), st.text(min_size=1, max_size=30))
 def test_a_delay_is_routed_through_its_set_bits_and_never_arrives_early(
     delay: float, queue: str
 ) -> None:
-    units = amqp._delay_units(delay)
+    units = topology._delay_units(delay)
     assert units * DELAY_RESOLUTION >= delay - 1e-6  # rounded up: never early
     assert units * DELAY_RESOLUTION < delay + DELAY_RESOLUTION + 1e-6
     levels = [lv for lv in range(DELAY_LEVELS) if units >> lv & 1]
-    key = amqp._routing_key(units, amqp._target_token(queue))
+    key = topology._routing_key(units, topology._target_token(queue))
     table = _bindings(queue, range(DELAY_LEVELS))
     # Walk RabbitMQ's routing: exchanges by binding; a TTL queue dead-letters to its
     # x-dead-letter-exchange (the next level down) keeping the routing key.
-    exchange: str | None = amqp._delay_exchange(max(levels))
+    exchange: str | None = topology._delay_exchange(max(levels))
     visited, held_ms = [], 0
     while exchange is not None:
         targets = [dest for pattern, dest in table[exchange] if _topic_match(pattern, key)]
@@ -312,7 +312,7 @@ def test_a_delay_is_routed_through_its_set_bits_and_never_arrives_early(
             level = int(dest.rsplit(".", 1)[1])
             visited.append(level)
             held_ms += 100 * 2**level
-            exchange = amqp._delay_exchange(level - 1)
+            exchange = topology._delay_exchange(level - 1)
         else:
             exchange = dest
     assert visited == sorted(levels, reverse=True)
@@ -321,7 +321,7 @@ def test_a_delay_is_routed_through_its_set_bits_and_never_arrives_early(
 
 def test_delays_beyond_the_longest_level_are_refused() -> None:
     with pytest.raises(ConfigurationError):
-        amqp._delay_units(amqp.MAX_DELAY + 1)
+        topology._delay_units(topology.MAX_DELAY + 1)
 
 
 def test_delay_records_are_stripped_but_real_dead_lettering_is_kept() -> None:
@@ -334,17 +334,17 @@ def test_delay_records_are_stripped_but_real_dead_lettering_is_kept() -> None:
         "x-first-death-reason": "expired",
         "task": "t",
     }
-    amqp._strip_delay_deaths(only_delay)
+    topology._strip_delay_deaths(only_delay)
     assert only_delay == {"task": "t"}
     mixed = {"x-death": [real, delay], "x-first-death-exchange": "", "task": "t"}
-    amqp._strip_delay_deaths(mixed)
+    topology._strip_delay_deaths(mixed)
     assert mixed == {"x-death": [real], "x-first-death-exchange": "", "task": "t"}
 
 
 def test_long_queue_names_get_hashed_delay_queue_names_within_255_bytes() -> None:
     name = "é" * 120  # 240 bytes
-    assert len(amqp.delay_queue_name(name, 31).encode()) <= 255
-    assert amqp.delay_queue_name("jobs", 4) == "jobs.conveyor.delay.4"
+    assert len(topology.delay_queue_name(name, 31).encode()) <= 255
+    assert topology.delay_queue_name("jobs", 4) == "jobs.conveyor.delay.4"
 
 
 # ================================================================================ errors
@@ -383,6 +383,6 @@ def test_long_queue_names_get_hashed_delay_queue_names_within_255_bytes() -> Non
 def test_pika_errors_are_translated_in_one_place(
     error: BaseException, expected: type[Exception]
 ) -> None:
-    translated = translate_error(error, "test")
+    translated = translate_error(error, what="test")
     assert type(translated) is expected
     assert str(translated).startswith("test")
