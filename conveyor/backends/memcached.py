@@ -325,11 +325,9 @@ class MemcachedResultBackend(ResultBackendBase):
             Capability.GROUPS,
             Capability.MULTI_READER,
             Capability.CROSS_PROCESS,
+            Capability.COMPRESSED_RESULTS,
         }
     )
-
-    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
-    reads_compressed_results: ClassVar[bool] = True
 
     def __init__(
         self,

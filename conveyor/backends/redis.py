@@ -242,11 +242,9 @@ class RedisResultBackend(ResultBackendBase):
             Capability.MULTI_READER,
             Capability.DURABLE,
             Capability.CROSS_PROCESS,
+            Capability.COMPRESSED_RESULTS,
         }
     )
-
-    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
-    reads_compressed_results: ClassVar[bool] = True
 
     def __init__(
         self,

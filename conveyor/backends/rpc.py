@@ -49,7 +49,7 @@ correlation id and never reach a reader.
 
 Routing on the writer side: ``store`` sends to ``record.extended["reply_to"]`` with
 ``record.extended["correlation_id"]`` (both removed from the stored meta). The worker puts
-them there for backends with :attr:`RPCResultBackend.routes_by_reply_to`. An empty
+them there for backends declaring the capability ``routes_by_reply_to``. An empty
 ``reply_to`` sends nothing (Celery's rule); a record without the key goes to this client's
 own reply queue (the client storing for itself, as the conformance suite does).
 
@@ -79,13 +79,12 @@ from conveyor._drivers.amqp.options import (
     parse_amqp_url,
     redact_url,
 )
-from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase, check_default_ttl
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import decode_meta, encode_meta
 from conveyor.core.compression import (
     BUILTIN_METHODS,
     DEFAULT_MAX_SIZE,
-    normalize_accept_compression,
 )
 from conveyor.core.errors import (
     ConfigurationError,
@@ -96,7 +95,6 @@ from conveyor.core.errors import (
     SerializationError,
 )
 from conveyor.core.options import build_options
-from conveyor.core.serializers import default_serializers
 from conveyor.core.types import ResultRecord, State
 from conveyor.core.urls import parse_url, scheme_of
 
@@ -139,8 +137,7 @@ class RPCResultBackendOptions(AMQPConnectionOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.default_ttl is not None and not self.default_ttl >= 0:
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds: {self.default_ttl!r}")
+        check_default_ttl(self.default_ttl)
         if self.max_cached < 1:
             raise ConfigurationError("max_cached must be >= 1")
         if self.reply_to is not None and not self.reply_to:
@@ -161,17 +158,20 @@ class RPCResultBackend(ResultBackendBase):
         url: the backend URL (``rpc://``), for ``repr``.
     """
 
+    #: ``routes_by_reply_to``: the worker puts the task's ``reply_to``/``correlation_id`` in
+    #: ``ResultRecord.extended`` (results are routed, not stored under a key);
+    #: ``compressed_results``: the app passes its ``accept_compression``.
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.WAIT, Capability.NATIVE_TTL, Capability.CROSS_PROCESS}
+        {
+            Capability.WAIT,
+            Capability.NATIVE_TTL,
+            Capability.CROSS_PROCESS,
+            Capability.ROUTES_BY_REPLY_TO,
+            Capability.COMPRESSED_RESULTS,
+        }
     )
-    #: Tells the worker to put the task's ``reply_to``/``correlation_id`` in
-    #: ``ResultRecord.extended`` (results are routed, not stored under a key).
-    routes_by_reply_to: ClassVar[bool] = True
     #: A task id travels as the AMQP ``correlation_id`` property: a short string.
     max_id_bytes: ClassVar[int] = 255
-
-    #: Reads Celery 5.7 compressed payloads: the app passes its ``accept_compression``.
-    reads_compressed_results: ClassVar[bool] = True
 
     def __init__(self, options: RPCResultBackendOptions, *, url: str = "rpc://") -> None:
         if not options.broker_url:
@@ -186,11 +186,8 @@ class RPCResultBackend(ResultBackendBase):
             )
         self.options = options
         self.url = url
-        self.default_ttl = options.default_ttl
+        self._set_up_results(options, None)
         self.reply_to = options.reply_to or str(uuid.uuid4())
-        self._serializer = default_serializers.get(options.serializer)
-        self._accept = default_serializers.normalize_accept(options.accept)
-        self._accept_compression = normalize_accept_compression(options.accept_compression)
         endpoints, _query = parse_amqp_url(options.broker_url)
         self._link = AMQPLink(
             endpoints, options, name="conveyor-rpc-backend", url=options.broker_url

@@ -11,10 +11,11 @@ Capabilities come in two kinds:
   ``publish(delay=...)``; ``lease_extension`` allows ``extend()``). Using an undeclared feature
   raises :class:`~conveyor.core.errors.UnsupportedFeature`.
 * **guarantees** describe semantics a caller may rely on (``durable``, ``cross_process``,
-  ``multi_reader``, ``at_least_once``, ``native_ttl``, ``routes_by_reply_to``). They have no
+  ``multi_reader``, ``at_least_once``, ``native_ttl``, ``routes_by_reply_to``,
+  ``compressed_results``). They have no
   method; the runtime reads them to warn (for example, a worker on a broker without
   ``at_least_once``), to skip work (no expiry sweep with ``native_ttl``) or to wire the
-  implementation (``routes_by_reply_to``).
+  implementation (``routes_by_reply_to``, ``compressed_results``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class Capability(str, enum.Enum):
     ``reply_to`` and ``correlation_id`` into ``ResultRecord.extended``, and the app builds
     the backend with ``broker_url=``, ``reply_to=`` and ``default_ttl=`` and declares the
     reply queue before its first send that wants a result."""
+    COMPRESSED_RESULTS = "compressed_results"
+    """Reads Celery 5.7 compressed result payloads (``result_compression``), bounded like a
+    worker's decode: the app builds the backend with ``accept_compression=`` (its setting),
+    the compression methods such a payload may use."""
 
     # ---- shared guarantees
     DURABLE = "durable"
@@ -95,6 +100,7 @@ RESULT_BACKEND_CAPABILITIES = frozenset(
         Capability.GROUPS,
         Capability.MULTI_READER,
         Capability.ROUTES_BY_REPLY_TO,
+        Capability.COMPRESSED_RESULTS,
         Capability.DURABLE,
         Capability.CROSS_PROCESS,
     }

@@ -202,7 +202,7 @@ class App:
             options.setdefault("broker_url", self.broker_url)
             options.setdefault("reply_to", self.oid)
             options.setdefault("default_ttl", self.conf.result_expires)
-        if kind == "result_backend" and getattr(cls, "reads_compressed_results", False):
+        if kind == "result_backend" and Capability.COMPRESSED_RESULTS in cls.capabilities:
             # The reader honours the same methods as the worker (compressed results).
             options.setdefault("accept_compression", self.conf.accept_compression)
         return cls.from_url(url, **options)

@@ -235,9 +235,5 @@ def _plain_id(value: str | None) -> str | None:
 
 def routes_by_reply_to(backend: Any) -> bool:
     """Whether a result backend (class or instance) declares
-    :attr:`~conveyor.core.capabilities.Capability.ROUTES_BY_REPLY_TO` (rpc://). The class
-    attribute ``routes_by_reply_to = True`` that backends set before the capability existed
-    is still honoured."""
-    if Capability.ROUTES_BY_REPLY_TO in getattr(backend, "capabilities", ()):
-        return True
-    return bool(getattr(backend, "routes_by_reply_to", False))
+    :attr:`~conveyor.core.capabilities.Capability.ROUTES_BY_REPLY_TO` (rpc://)."""
+    return Capability.ROUTES_BY_REPLY_TO in getattr(backend, "capabilities", ())
