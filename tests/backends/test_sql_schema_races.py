@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlsupport import SqlTarget, make_target, sql_target_params
 
-from conveyor._sql import create_all_race_safe
+from conveyor._drivers.sql import create_all_race_safe
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend
 from conveyor.core.errors import ConfigurationError
 from conveyor.testing.support import unique_name

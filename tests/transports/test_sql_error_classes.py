@@ -1,4 +1,4 @@
-"""``conveyor._sql.translate_error`` on every selected database (issue 13, class 1): only a
+"""``conveyor._drivers.sql.translate_error`` on every selected database (issue 13, class 1): only a
 lost connection or a time limit is transient (``OperationalError``). A value the database
 refuses (too long, NUL, out of range, a bad string, one SQLAlchemy cannot bind) is an
 ``EncodeError``, a constraint violation a ``ConfigurationError``: a worker fails such a task
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 from sqlsupport import SqlTarget, make_target, sql_target_params
 
-from conveyor._sql import Database, EngineSettings, make_database
+from conveyor._drivers.sql import Database, EngineSettings, make_database
 from conveyor.core.errors import (
     ConfigurationError,
     EncodeError,

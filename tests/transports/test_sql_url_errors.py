@@ -1,4 +1,4 @@
-"""Errors about SQL URLs (``conveyor._sql``) show no secret and are conveyor's own
+"""Errors about SQL URLs (``conveyor._drivers.sql``) show no secret and are conveyor's own
 (issue 13, item 5): SQLAlchemy's and the drivers' text goes through ``mask_text``, a raw
 ``?``/``#`` in credentials is refused before SQLAlchemy reads it, and a query value the
 dialect cannot convert is a ``ConfigurationError``, not a raw ``ValueError``."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import make_url
 
-from conveyor._sql import EngineSettings, make_database, split_url
+from conveyor._drivers.sql import EngineSettings, make_database, split_url
 from conveyor.core.errors import ConfigurationError, InvalidURL
 from conveyor.core.registry import broker_from_url, result_backend_from_url
 

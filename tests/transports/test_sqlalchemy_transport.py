@@ -24,7 +24,7 @@ from sqlsupport import (  # noqa: F401 - sql_target is a fixture
     sql_target,
 )
 
-from conveyor._sql import Database, make_database
+from conveyor._drivers.sql import Database, make_database
 from conveyor.core.errors import (
     ConfigurationError,
     EncodeError,

@@ -1,85 +1,9 @@
-"""SQL broker on SQLAlchemy: SQLite, PostgreSQL and MariaDB/MySQL.
-
-Capabilities:
-    ``at_least_once`` (every delivery is a lease: owner token + expiry; an expired lease is
-    delivered again with ``redelivered=True``), ``lease_extension`` (``extend``),
-    ``delayed_delivery`` (a ``not_before`` column with an index: delayed messages stay in
-    the table, never in worker memory), ``priority`` (0-9, higher first, FIFO within one
-    priority), ``dead_letter`` (``reject(requeue=False)`` moves the row to the queue
-    ``<queue>.dead`` and records the reason in the column ``dead_reason``, delivered as the
-    header ``x-conveyor-dead-letter-reason``), ``queue_size``, ``durable``,
-    ``cross_process`` (except SQLite ``:memory:``, which lives in one process; see below).
-
-Limits and bad input:
-    A delay is kept to the millisecond up to 2**52 ms (about 142,000 years: ``not_before`` is
-    a double); a longer one raises ``ConfigurationError`` at publish. A claimed row that cannot
-    become a delivery (headers that are not JSON or not a map, a priority or id of the wrong
-    type: rows written by something else) is never handed out and never left to come back: in
-    the claim's own batch it is moved to ``<queue>.dead`` with content type
-    ``application/x-conveyor-undecodable``, its body kept, its original fields in the header
-    ``x-conveyor-original`` and the reason recorded (``conveyor.transports._common``); the
-    other rows of the claim are returned.
-
-URL:
-    ``sqla+<SQLAlchemy URL>`` or ``sqlalchemy+<SQLAlchemy URL>``, as in kombu:
-    ``sqla+sqlite:////var/lib/app/conveyor.db`` (absolute path: four slashes),
-    ``sqla+sqlite:///relative.db``, ``sqla+sqlite://`` (in-memory, one process only),
-    ``sqla+postgresql+psycopg://user:pass@host:5432/db``,
-    ``sqla+mysql+pymysql://user:pass@host:3306/db``. Query keys that are conveyor options
-    (below) are removed before the URL reaches :func:`sqlalchemy.create_engine`; every other
-    key (``sslmode``, ``charset``, ...) goes to the driver untouched.
-
-Options (keyword > URL query > default; :class:`SQLAlchemyBrokerOptions`):
-    ``lease_seconds`` (60.0), ``poll_interval`` (0.005) and ``max_poll_interval`` (0.2):
-    the capped exponential backoff of a blocking ``receive``; ``promote_interval`` (0.1):
-    how often one broker moves due delayed messages to ready; ``table_name``
-    (``conveyor_message``), ``schema``; ``create_tables`` (True: create on first use);
-    ``max_retries`` (10) for deadlocks and serialization failures; engine settings
-    ``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle`` (3600),
-    ``connect_timeout`` (10), ``operation_timeout`` (30, sent to the server as
-    ``statement_timeout``/``lock_timeout`` on PostgreSQL, read/write timeouts on PyMySQL, the
-    write-lock wait on SQLite), ``sqlite_synchronous`` (``NORMAL``), ``echo``;
-    ``async_settle`` (True: PostgreSQL settles without waiting for the WAL flush) and
-    ``notify`` (True: PostgreSQL LISTEN/NOTIFY wake-ups).
-
-Thread-safety:
-    One instance may be shared by the threads of one process: the engine's pool gives each
-    call its own connection, and the broker's own bookkeeping (held leases, settled receipts)
-    is guarded by a lock. Never share an instance across ``fork()``: build one per process.
-    SQLite ``:memory:`` uses one connection for every thread (the only way they see one
-    database) and serialises on it.
-
-How it works (``docs/backends/sql.md`` has the full table layout):
-
-* One table, ``conveyor_message``. Rows are deleted by ``ack`` (kombu's SQL transport never
-  deletes rows and never redelivers after a crash; this one does both).
-* A claim is ONE transaction that selects the best ready rows and stamps them with a lease:
-  PostgreSQL ``WITH c AS (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n) UPDATE ... RETURNING``;
-  MariaDB/MySQL ``SELECT ... FOR UPDATE SKIP LOCKED`` then ``UPDATE`` in the same
-  ``READ COMMITTED`` transaction; SQLite (WAL) ``BEGIN IMMEDIATE`` then
-  ``UPDATE ... WHERE id IN (SELECT ...) RETURNING``.
-* Time is the DATABASE clock on PostgreSQL (``now()``) and MariaDB/MySQL
-  (``UNIX_TIMESTAMP(NOW(6))``), so hosts with skewed clocks agree on delays and leases;
-  SQLite uses the client clock (its clients share the host). Times are float epoch seconds.
-* Delayed rows carry ``delayed = true`` and are kept out of the claim index; every
-  ``promote_interval`` a receiving broker flips the due ones to ready (``SKIP LOCKED``,
-  at most 1000 per step). Thousands of future messages therefore never slow a claim down.
-* Deadlocks (MariaDB 1213, lock wait 1205) and serialization failures (PostgreSQL
-  40001/40P01) roll back and rerun the whole transaction, at most ``max_retries`` times with
-  jittered backoff; SQLite "database is locked" is waited out with millisecond pauses up to
-  ``operation_timeout``. Nothing is half-applied, nothing is lost.
-* ``receive`` polls with capped backoff (5 ms doubling to 200 ms). On PostgreSQL (psycopg 3)
-  a publish also sends ``NOTIFY`` in the same statement, and a consumer that has backed off
-  completely waits on ``LISTEN``, so it wakes at once. On SQLite each poll reads first and
-  takes the write lock only when something is ready.
-"""
+"""The SQL broker (see :mod:`conveyor.transports.sqlalchemy` for URL, options and
+semantics)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
-import json
 import logging
 import math
 import secrets
@@ -87,277 +11,58 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql as mysql_types
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 
-from conveyor._sql import (
+from conveyor._drivers.sql import (
     Database,
-    EngineSettings,
     create_all_race_safe,
-    index_name,
     make_database,
     split_url,
-    sql_identifier,
 )
 from conveyor.core.base import BrokerBase, HeldLeases, validate_queue_name
 from conveyor.core.capabilities import Capability
-from conveyor.core.errors import (
-    ConfigurationError,
-    ConnectionLost,
-    DecodeError,
-    EncodeError,
-    InvalidReceipt,
-)
+from conveyor.core.errors import ConfigurationError, ConnectionLost, InvalidReceipt
 from conveyor.core.options import build_options
 from conveyor.core.types import Delivery, Envelope
 from conveyor.transports._common import (
-    DEAD_LETTER_REASON_HEADER,
-    DEAD_LETTER_SOURCE_HEADER,
-    DEAD_LETTER_SUFFIX,
     EXACT_MS_MAX_DELAY,
-    ORIGINAL_HEADER,
-    UNDECODABLE_CONTENT_TYPE,
     check_delay,
-    clamp_priority,
     clean_reason,
     undecodable_reason,
 )
+from conveyor.transports.sqlalchemy.listener import Listener
+from conveyor.transports.sqlalchemy.options import OPTION_NAMES, SQLAlchemyBrokerOptions
+from conveyor.transports.sqlalchemy.rows import (
+    _Bumped,
+    _int_or_0,
+    _Receipt,
+    _stand_in_fields,
+    decode_row,
+    encode_row,
+)
+from conveyor.transports.sqlalchemy.schema import (
+    _COLUMNS,
+    _INSERTED,
+    _QUEUE_COLUMN_LENGTH,
+    _STAND_IN,
+    _Claim,
+    _next_count,
+    message_table,
+)
 
-__all__ = [
-    "DEAD_LETTER_REASON_HEADER",
-    "DEAD_LETTER_SOURCE_HEADER",
-    "DEAD_LETTER_SUFFIX",
-    "SQLAlchemyBroker",
-    "SQLAlchemyBrokerOptions",
-    "message_table",
-]
+__all__ = ["SQLAlchemyBroker"]
 
 log = logging.getLogger("conveyor.transports.sqlalchemy")
 
 _SCHEMES = ("sqla", "sqlalchemy")
-_QUEUE_COLUMN_LENGTH = 255  # a 200-character queue name plus a few ".dead" suffixes
 _PROMOTE_BATCH = 1000
-# delivery_count is an INTEGER column (32 bits on PostgreSQL and MariaDB): a claim stops
-# counting there instead of failing on the overflow; the count is then far past any
-# worker_max_deliveries, so the message is refused, not run.
-_COUNT_MAX = 2**31 - 1
 _PURGE_BATCH = 1000
 _SETTLED_MEMORY = 10_000  # receipts remembered so a second ack/reject is a no-op
 _MAX_MESSAGES = 1000
 _DELAY_WHY = "not_before is a double of epoch seconds, exact to the millisecond below that"
-
-
-@dataclass(frozen=True)
-class SQLAlchemyBrokerOptions:
-    """Options of :class:`SQLAlchemyBroker` (seconds as float).
-
-    Attributes:
-        lease_seconds: how long a delivery stays held without ``extend`` (> 0).
-        poll_interval: first sleep of a blocking ``receive`` that found nothing.
-        max_poll_interval: the backoff cap; also the worst-case latency of an idle consumer.
-        promote_interval: minimum time between two "move due delayed rows to ready" steps
-            of one broker (bounds how late a delayed message may be, on top of polling).
-        table_name: the message table (letters, digits, ``_``).
-        schema: database schema of the table, or None for the default.
-        create_tables: create the table and its indexes on first use if missing.
-        max_retries: attempts for transactions that hit deadlocks/serialization failures.
-        pool_size, max_overflow, pool_timeout, pool_recycle: SQLAlchemy pool settings
-            (None: SQLAlchemy's default).
-        connect_timeout: seconds to establish a connection (PostgreSQL, MySQL drivers).
-        operation_timeout: server-side statement/lock timeout (PostgreSQL), socket read and
-            write timeout (PyMySQL), busy timeout (SQLite).
-        sqlite_synchronous: ``PRAGMA synchronous`` for SQLite files. ``NORMAL`` (default)
-            survives a crash of any process; only a power loss may drop the last commits.
-            Use ``FULL`` for power-loss durability at a few ms per commit.
-        echo: log every statement (SQLAlchemy ``echo``).
-        async_settle: on PostgreSQL, commit claims, acks, rejects, extends and lease
-            releases with ``synchronous_commit = off`` (no wait for the WAL flush, several
-            times the throughput on a disk with slow fsync). A PostgreSQL crash may then
-            forget the last fraction of a second of them, which can only cause a
-            redelivery: at-least-once holds. Publishes always commit synchronously.
-        notify: on PostgreSQL with psycopg 3, a publish sends ``NOTIFY`` and a waiting
-            ``receive`` listens (one extra connection per broker), so an idle consumer
-            wakes at once instead of at its next poll. Polling continues regardless (it is
-            what finds due delayed messages and expired leases).
-    """
-
-    lease_seconds: float = 60.0
-    poll_interval: float = 0.005
-    max_poll_interval: float = 0.2
-    promote_interval: float = 0.1
-    table_name: str = "conveyor_message"
-    schema: str | None = None
-    create_tables: bool = True
-    max_retries: int = 10
-    pool_size: int | None = None
-    max_overflow: int | None = None
-    pool_timeout: float | None = None
-    pool_recycle: float | None = 3600.0
-    connect_timeout: float | None = 10.0
-    operation_timeout: float | None = 30.0
-    sqlite_synchronous: str = "NORMAL"
-    echo: bool = False
-    async_settle: bool = True
-    notify: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("lease_seconds", "poll_interval", "max_poll_interval"):
-            value = getattr(self, name)
-            if not (isinstance(value, float | int) and value > 0 and math.isfinite(value)):
-                raise ConfigurationError(f"{name} must be a positive number of seconds: {value!r}")
-        if self.max_poll_interval < self.poll_interval:
-            raise ConfigurationError("max_poll_interval must be >= poll_interval")
-        if not self.promote_interval >= 0:
-            raise ConfigurationError("promote_interval must be >= 0")
-        if self.max_retries < 1:
-            raise ConfigurationError("max_retries must be >= 1")
-        sql_identifier(self.table_name, "table_name")
-        if self.schema is not None:
-            sql_identifier(self.schema, "schema")
-
-    def engine_settings(self) -> EngineSettings:
-        return EngineSettings(
-            pool_size=self.pool_size,
-            max_overflow=self.max_overflow,
-            pool_timeout=self.pool_timeout,
-            pool_recycle=self.pool_recycle,
-            connect_timeout=self.connect_timeout,
-            operation_timeout=self.operation_timeout,
-            sqlite_synchronous=self.sqlite_synchronous,
-            echo=self.echo,
-        )
-
-
-_OPTION_NAMES = frozenset(f.name for f in fields(SQLAlchemyBrokerOptions))
-
-
-def message_table(
-    metadata: sa.MetaData, name: str = "conveyor_message", *, schema: str | None, dialect: str
-) -> sa.Table:
-    """The message table, with the indexes the claim, promotion and purge queries use.
-
-    PostgreSQL and SQLite get partial indexes (ready rows only / delayed rows only), which
-    stay small however many delayed messages wait; MariaDB/MySQL has no partial indexes and
-    gets the same columns with ``delayed`` as a key prefix.
-    """
-    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER PK = rowid alias
-    blob = sa.LargeBinary().with_variant(mysql_types.LONGBLOB(), "mysql", "mariadb")
-    text = sa.Text().with_variant(mysql_types.LONGTEXT(), "mysql", "mariadb")
-    table = sa.Table(
-        name,
-        metadata,
-        sa.Column("id", big_id, primary_key=True, autoincrement=True),
-        sa.Column("queue", sa.String(_QUEUE_COLUMN_LENGTH), nullable=False),
-        sa.Column("priority", sa.SmallInteger(), nullable=False),
-        sa.Column("delayed", sa.Boolean(create_constraint=False), nullable=False),
-        sa.Column("not_before", sa.Double(), nullable=False),
-        sa.Column("lease_expires", sa.Double(), nullable=False),
-        sa.Column("lease_owner", sa.String(64), nullable=True),
-        sa.Column("delivery_count", sa.Integer(), nullable=False),
-        sa.Column("envelope_id", sa.Text(), nullable=False),
-        sa.Column("body", blob, nullable=False),
-        sa.Column("content_type", sa.Text(), nullable=False),
-        sa.Column("content_encoding", sa.Text(), nullable=False),
-        sa.Column("headers", text, nullable=False),
-        sa.Column("correlation_id", sa.Text(), nullable=True),
-        sa.Column("reply_to", sa.Text(), nullable=True),
-        sa.Column("published_at", sa.Double(), nullable=False),
-        sa.Column("dead_from", sa.String(_QUEUE_COLUMN_LENGTH), nullable=True),
-        sa.Column("dead_reason", sa.Text(), nullable=True),
-        sa.Column("dead_at", sa.Double(), nullable=True),
-        schema=schema,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-    )
-    c = table.c
-    if dialect in ("postgresql", "sqlite"):
-        ready, delayed = sa.not_(c.delayed), c.delayed
-        sa.Index(
-            index_name(name, "claim"),
-            c.queue,
-            c.priority.desc(),
-            c.id,
-            postgresql_where=ready,
-            sqlite_where=ready,
-        )
-        sa.Index(
-            index_name(name, "due"),
-            c.queue,
-            c.not_before,
-            postgresql_where=delayed,
-            sqlite_where=delayed,
-        )
-    else:
-        sa.Index(index_name(name, "claim"), c.queue, c.delayed, c.priority.desc(), c.id)
-        sa.Index(index_name(name, "due"), c.queue, c.delayed, c.not_before)
-    return table
-
-
-@dataclass(frozen=True, slots=True)
-class _Receipt:
-    """What ``ack``/``reject``/``extend`` need: the row and the lease token of this claim."""
-
-    row_id: int
-    token: str
-
-
-@dataclass(frozen=True)
-class _Claim:
-    """Prebuilt statements claiming from one tuple of queues (built once, reused: building
-    SQLAlchemy expressions costs more than SQLite executing them)."""
-
-    promote: Any  # PG/SQLite: UPDATE ... WHERE id IN (due); MariaDB: SELECT due ids
-    claim: Any  # PG/SQLite: UPDATE ... RETURNING; MariaDB: SELECT ... FOR UPDATE SKIP LOCKED
-    probe: Any  # SELECT 1 ... LIMIT 1: is anything deliverable or due? (read-only)
-
-
-# Columns a publish fills from the envelope (the times come from the clock expression).
-_INSERTED = (
-    "queue",
-    "priority",
-    "delayed",
-    "lease_expires",
-    "delivery_count",
-    "envelope_id",
-    "body",
-    "content_type",
-    "content_encoding",
-    "headers",
-    "correlation_id",
-    "reply_to",
-)
-
-# Columns an undecodable row's stand-in replaces (the body only when it is not binary).
-_STAND_IN = (
-    "body",
-    "envelope_id",
-    "content_type",
-    "content_encoding",
-    "headers",
-    "priority",
-    "correlation_id",
-    "reply_to",
-)
-
-_COLUMNS = (
-    "id",
-    "queue",
-    "priority",
-    "delivery_count",
-    "envelope_id",
-    "body",
-    "content_type",
-    "content_encoding",
-    "headers",
-    "correlation_id",
-    "reply_to",
-    "dead_from",
-    "dead_reason",
-)
 
 
 class SQLAlchemyBroker(BrokerBase):
@@ -431,9 +136,9 @@ class SQLAlchemyBroker(BrokerBase):
         self._schema_ready = False
         self._closed = False
         self._channel = f"conveyor_{self.options.table_name}"[:63]
-        self._listener: _Listener | None = None
+        self._listener: Listener | None = None
         if self.options.notify and self._db.dialect == "postgresql":
-            self._listener = _Listener(self._db, self._channel)
+            self._listener = Listener(self._db, self._channel)
         self._build_statements()
 
     # ------------------------------------------------------------------ construction
@@ -448,7 +153,7 @@ class SQLAlchemyBroker(BrokerBase):
             ConfigurationError: unknown option or bad value (with a did-you-mean).
             MissingDependency: the URL's driver is not installed.
         """
-        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=_OPTION_NAMES)
+        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=OPTION_NAMES)
         opts = build_options(SQLAlchemyBrokerOptions, query, options, owner="sqla+ broker")
         db = make_database(
             sa_url, url_text=url, settings=opts.engine_settings(), max_retries=opts.max_retries
@@ -644,41 +349,14 @@ class SQLAlchemyBroker(BrokerBase):
         """Validate ``name`` and make sure the table exists. Queues are implicit rows, so
         there is nothing else to create. Idempotent; blocks only the first time."""
         self._check_open()
-        _check_queue(name)
+        validate_queue_name(name)
         self._ensure_schema()
 
-    def dead_letter_queue(self, queue: str) -> str:
-        """``queue + ".dead"``: an ordinary queue (receive, ack, purge, size work)."""
-        return f"{queue}{DEAD_LETTER_SUFFIX}"
-
     # ------------------------------------------------------------------ publish
-    def _row(self, envelope: Envelope, queue: str, delay: float) -> dict[str, Any]:
-        try:
-            headers = json.dumps(dict(envelope.headers), ensure_ascii=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise EncodeError(
-                f"envelope {envelope.id!r} has headers JSON cannot hold: {exc}"
-            ) from exc
-        return {
-            "queue": queue,
-            "priority": envelope.priority,
-            "delayed": delay > 0,
-            "delay_": delay,
-            "lease_expires": 0.0,
-            "delivery_count": 0,
-            "envelope_id": envelope.id,
-            "body": bytes(envelope.body),
-            "content_type": envelope.content_type,
-            "content_encoding": envelope.content_encoding,
-            "headers": headers,
-            "correlation_id": envelope.correlation_id,
-            "reply_to": envelope.reply_to,
-        }
-
     def _insert(self, envelopes: Sequence[Envelope], queue: str, delay: float | None) -> None:
         check_delay(delay, EXACT_MS_MAX_DELAY, "the SQL broker", _DELAY_WHY)
         seconds = float(delay or 0.0)
-        rows = [self._row(e, queue, seconds) for e in envelopes]
+        rows = [encode_row(e, queue, seconds) for e in envelopes]
 
         def work(conn: Connection) -> None:
             if self._client_clock:
@@ -706,7 +384,7 @@ class SQLAlchemyBroker(BrokerBase):
             ConnectionLost: the broker is closed.
         """
         self._check_open()
-        _check_queue(queue)
+        validate_queue_name(queue)
         self._check_publish(envelope, delay)
         self._ensure_schema()
         self._insert([envelope], queue, delay)
@@ -720,7 +398,7 @@ class SQLAlchemyBroker(BrokerBase):
             The number published.
         """
         self._check_open()
-        _check_queue(queue)
+        validate_queue_name(queue)
         batch = list(envelopes)
         for envelope in batch:
             self._check_publish(envelope, delay)
@@ -746,15 +424,7 @@ class SQLAlchemyBroker(BrokerBase):
             ConnectionLost: the broker is closed.
         """
         self._check_open()
-        names = (queues,) if isinstance(queues, str) else tuple(dict.fromkeys(queues))
-        if not names:
-            raise ConfigurationError("receive() needs at least one queue")
-        for name in names:
-            _check_queue(name)
-        if not isinstance(max_messages, int) or max_messages < 1:
-            raise ConfigurationError(f"max_messages must be >= 1, got {max_messages!r}")
-        if timeout is None or timeout < 0 or timeout != timeout:
-            raise ConfigurationError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        names = tuple(self._check_receive(queues, max_messages, timeout))
         limit = min(max_messages, _MAX_MESSAGES)
         self._ensure_schema()
         statements = self._claim_statements(names)
@@ -840,7 +510,7 @@ class SQLAlchemyBroker(BrokerBase):
         bad: list[tuple[Any, str]] = []
         for row in rows:
             try:
-                deliveries.append(self._delivery(row, token))
+                deliveries.append(decode_row(row, token))
             except Exception as exc:  # any shape of bad row: dead-letter it, never raise
                 bad.append((row, undecodable_reason(exc)))
         self._leases.hold((d.receipt.row_id, token) for d in deliveries)
@@ -868,41 +538,6 @@ class SQLAlchemyBroker(BrokerBase):
         except Exception as exc:
             log.warning("could not dead-letter row %s (it comes back later): %s", row.id, exc)
         self._settle(receipt)
-
-    def _delivery(self, row: Any, token: str) -> Delivery:
-        headers = json.loads(row.headers) if isinstance(row.headers, str) else None
-        if not isinstance(headers, dict):
-            raise DecodeError(f"row headers are not a JSON object: {row.headers!r:.100}")
-        if row.dead_from is not None:
-            headers[DEAD_LETTER_REASON_HEADER] = str(row.dead_reason or "")
-            headers[DEAD_LETTER_SOURCE_HEADER] = row.dead_from
-        for name in ("envelope_id", "content_type", "content_encoding"):
-            if not isinstance(getattr(row, name), str):
-                raise DecodeError(f"row column {name} is not text")
-        for name in ("correlation_id", "reply_to"):
-            if not isinstance(getattr(row, name), str | None):
-                raise DecodeError(f"row column {name} is not text")
-        if not isinstance(row.body, bytes | bytearray | memoryview):
-            raise DecodeError("row column body is not binary")
-        envelope = Envelope(
-            id=row.envelope_id,
-            body=bytes(row.body),
-            content_type=row.content_type,
-            content_encoding=row.content_encoding,
-            headers=headers,
-            priority=clamp_priority(row.priority),
-            correlation_id=row.correlation_id,
-            reply_to=row.reply_to,
-        )
-        # A claimed row has been delivered at least once, whatever a foreign writer stored.
-        count = max(int(row.delivery_count), 1)
-        return Delivery(
-            envelope=envelope,
-            queue=row.queue,
-            receipt=_Receipt(int(row.id), token),
-            redelivered=count > 1,
-            delivery_count=count,
-        )
 
     # ------------------------------------------------------------------ settle
     @staticmethod
@@ -965,7 +600,7 @@ class SQLAlchemyBroker(BrokerBase):
         """
         self._check_open()
         receipt = self._receipt(delivery)
-        dead = self.dead_letter_queue(delivery.queue)
+        dead = "" if requeue else self.dead_letter_queue(delivery.queue)
         if requeue:
             lost = self._guarded(self._sql_requeue, receipt, "reject")
         elif len(dead) > _QUEUE_COLUMN_LENGTH:
@@ -1015,7 +650,7 @@ class SQLAlchemyBroker(BrokerBase):
         delivered).
         """
         self._check_open()
-        _check_queue(queue)
+        validate_queue_name(queue)
         self._ensure_schema()
         t = self._table
         now = self._now_sql()
@@ -1047,7 +682,7 @@ class SQLAlchemyBroker(BrokerBase):
     def size(self, queue: str) -> int:
         """Count ready rows of ``queue``: due, not held (an expired lease counts as ready)."""
         self._check_open()
-        _check_queue(queue)
+        validate_queue_name(queue)
         self._ensure_schema()
         t = self._table
         now = self._now_sql()
@@ -1110,146 +745,3 @@ class SQLAlchemyBroker(BrokerBase):
                 conn.execute(release, {"ids": chunk})
 
             self._db.transaction(work, what="release leases", relaxed=self.options.async_settle)
-
-
-class _Listener:
-    """PostgreSQL ``LISTEN`` on one dedicated psycopg 3 connection, for waking ``receive``.
-
-    One thread waits on it at a time; other threads of the broker poll as before. Any
-    failure (server gone, another driver than psycopg 3) turns it off for good: polling alone
-    is always correct, notifications only make it faster.
-    """
-
-    def __init__(self, db: Database, channel: str) -> None:
-        self._db = db
-        self._channel = channel
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        self._broken = False
-
-    def _connect(self) -> Any:
-        if self._conn is None:
-            raw = self._db.engine.raw_connection()
-            conn: Any = raw.driver_connection
-            raw.detach()  # ours alone, never returned to the pool; closed by _drop
-            self._conn = conn
-            if not hasattr(conn, "notifies") or not type(conn).__module__.startswith("psycopg"):
-                raise TypeError("LISTEN wake-ups need psycopg 3")
-            conn.autocommit = True
-            conn.execute(f'LISTEN "{self._channel}"')
-        return self._conn
-
-    def wait(self, names: Sequence[str], timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True as soon as a publish to one of ``names``
-        is notified (also for one that happened since the last wait)."""
-        if self._broken or not self._lock.acquire(blocking=False):
-            time.sleep(timeout)
-            return False
-        start = time.monotonic()
-        try:
-            if self._conn is None:
-                self._connect()
-                # A publish committed between the caller's claim and this LISTEN sent its
-                # notification to nobody: have the caller claim once more right away.
-                return True
-            conn = self._conn
-            for note in conn.notifies(timeout=timeout):
-                if note.payload in names:
-                    return True
-                if time.monotonic() - start >= timeout:
-                    break
-            return False
-        except Exception:
-            log.warning(
-                "LISTEN wake-ups disabled for %r; polling only", self._channel, exc_info=True
-            )
-            self._broken = True
-            self._drop()
-            time.sleep(max(0.0, timeout - (time.monotonic() - start)))
-            return False
-        finally:
-            self._lock.release()
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._broken = True
-            self._drop()
-
-
-def _check_queue(name: str) -> None:
-    """Queue names as everywhere, plus dead-letter names (``<name>.dead``, maybe repeated),
-    which may exceed the 200-character limit of user-chosen names."""
-    base = name
-    while base.endswith(DEAD_LETTER_SUFFIX) and len(base) > len(DEAD_LETTER_SUFFIX):
-        base = base[: -len(DEAD_LETTER_SUFFIX)]
-    if base != name and len(name) > _QUEUE_COLUMN_LENGTH:
-        raise ConfigurationError(f"queue name longer than {_QUEUE_COLUMN_LENGTH} characters")
-    validate_queue_name(base if base != name else name)
-
-
-def _stand_in_fields(row: Any) -> dict[str, Any]:
-    """The columns that make an undecodable row a readable stand-in (``_common``)."""
-    original = {c: _plain_column(getattr(row, c)) for c in _STAND_IN if c != "body"}
-    body = row.body
-    if not isinstance(body, bytes | bytearray | memoryview):
-        body = str(_plain_column(body)).encode("utf-8", "backslashreplace")
-    ident = original["envelope_id"]
-    if not (isinstance(ident, str) and len(ident) <= 255):
-        ident = hashlib.sha256(repr(original).encode()).hexdigest()[:32]
-    return {
-        "raw_body": bytes(body),
-        "raw_envelope_id": ident,
-        "raw_content_type": UNDECODABLE_CONTENT_TYPE,
-        "raw_content_encoding": "binary",
-        "raw_headers": json.dumps({ORIGINAL_HEADER: original}, separators=(",", ":")),
-        "raw_priority": 0,
-        "raw_correlation_id": None,
-        "raw_reply_to": None,
-    }
-
-
-def _next_count(count: Any) -> Any:
-    """The claim's new delivery_count (SQL for a column, Python for a value read before the
-    claim): a count below 0 (planted, it would lift worker_max_deliveries) restarts at 1, a
-    count at the column's maximum stays there (``+ 1`` would overflow and fail every claim
-    of the queue), anything else grows by one. SQLite may hold text: left as it is (a
-    claim then dead-letters the row)."""
-    if isinstance(count, sa.ColumnElement):
-        return sa.case((count >= _COUNT_MAX, count), (count < 0, 1), else_=count + 1)
-    if type(count) is not int:
-        return count
-    return count if count >= _COUNT_MAX else 1 if count < 0 else count + 1
-
-
-def _int_or_0(value: Any) -> int:
-    return value if type(value) is int else 0
-
-
-def _plain_column(value: Any) -> Any:
-    """A column value as JSON can hold it (for the stand-in's ``x-conveyor-original``)."""
-    if value is None or (isinstance(value, str | int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, float) and math.isfinite(value):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return repr(value)
-
-
-class _Bumped:
-    """A row read before its claim UPDATE, seen as after it (see :func:`_next_count`)."""
-
-    __slots__ = ("_row",)
-
-    def __init__(self, row: Row[Any]) -> None:
-        self._row = row
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._row, name)
-        return _next_count(value) if name == "delivery_count" else value

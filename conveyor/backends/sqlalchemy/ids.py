@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql as mysql_dialect
 from sqlalchemy.engine import Connection
 
-from conveyor._sql import Database
+from conveyor._drivers.sql import Database
 from conveyor.core.errors import ConfigurationError
 
 __all__ = [

@@ -1,78 +1,5 @@
-"""SQL result backend on SQLAlchemy, in Celery 5.7's own tables (``db+<url>``).
-
-Capabilities:
-    ``expiry_sweep`` (an indexed ``expires_at`` column; :meth:`purge_expired` deletes in
-    short batches; expired rows are never returned, swept or not), ``groups``
-    (``celery_tasksetmeta``), ``counters`` (atomic ``incr`` and idempotent ``add_member`` in
-    ``conveyor_counter``), ``multi_reader``, ``durable``, ``cross_process`` (SQLite
-    ``:memory:`` excepted: one process). Not ``wait``: readers poll
-    (:func:`conveyor.core.wait_for`). Not ``native_ttl``: SQL has no row TTL.
-
-URL:
-    ``db+<SQLAlchemy URL>`` or ``database+<SQLAlchemy URL>``, Celery's spelling:
-    ``db+sqlite:///results.db``, ``db+postgresql+psycopg://user:pass@host/db``,
-    ``db+mysql+pymysql://user:pass@host/db``. Query keys that are options (below) are removed
-    before the URL reaches SQLAlchemy; others go to the driver.
-
-Options (keyword > URL query > default; :class:`SQLAlchemyResultBackendOptions`):
-    ``default_ttl`` (86400.0: Celery's ``result_expires``), ``serializer`` (``json``:
-    Celery's ``result_serializer``), ``accept`` (serializers ``fetch`` decodes; default: the
-    serializer alone), ``task_table`` (``celery_taskmeta``), ``group_table``
-    (``celery_tasksetmeta``), ``counter_table`` (``conveyor_counter``), ``schema``,
-    ``create_tables`` (True), ``max_retries`` (10) and the engine settings of the SQL broker
-    (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``,
-    ``connect_timeout``, ``operation_timeout``, ``sqlite_synchronous``, ``echo``).
-
-Thread-safety:
-    One instance may be shared by the threads of one process (each call takes a pooled
-    connection). Build a new instance after ``fork()``.
-
-Celery compatibility (``docs/backends/sql.md`` and celery-wire.md 4.5):
-
-* The tables have Celery 5.7's columns, names and meanings: ``task_id`` unique, ``status``,
-  ``result`` = the result (or the exception document) encoded with the result serializer,
-  ``date_done`` naive UTC (set for ready states), ``traceback``, ``children`` (encoded, NULL
-  when absent), the ``result_extended`` columns ``name``/``args``/``kwargs``/``worker``/
-  ``retries``/``queue``/``stamps`` (Celery 5.7 always creates them; we fill them from
-  ``ResultRecord.extended``), ids from the sequences ``task_id_sequence`` /
-  ``taskset_id_sequence`` on PostgreSQL. Group rows hold the encoded group tuple
-  ``[[gid, null], [[[task_id, null], null], ...]]``.
-* Three nullable columns are ours: ``expires_at`` (indexed; Celery ignores it), ``group_id``
-  and ``parent_id`` (Celery's SQL backend drops them; we keep them). An existing Celery table
-  gets them with ``ALTER TABLE ... ADD COLUMN`` on first use (as Celery 5.7 itself adds
-  ``children``/``stamps`` to older tables). Rows Celery writes have ``expires_at`` NULL and
-  expire ``default_ttl`` after ``date_done``, exactly like Celery's ``backend_cleanup``;
-  non-ready rows Celery writes (NULL ``date_done``) never expire, as in Celery.
-* On MariaDB/MySQL the binary and text columns are ``LONGBLOB``/``LONGTEXT`` and times
-  ``DATETIME(6)`` (Celery's defaults, ``BLOB`` and ``DATETIME``, cap results at 64 KiB and
-  drop sub-second times); Celery reads both layouts the same way.
-* A stored SUCCESS is never overwritten, in ONE statement: ``INSERT ... ON CONFLICT DO
-  UPDATE ... WHERE status <> 'SUCCESS'`` (PostgreSQL, SQLite) or ``ON DUPLICATE KEY UPDATE``
-  with ``IF(status = 'SUCCESS', old, new)`` (MariaDB/MySQL).
-* Times: the client clock (as Celery's ``date_done`` and ``cleanup``), stored as naive UTC.
-
-Ids (:meth:`SQLAlchemyResultBackend.validate_task_id`):
-
-* The rules of :func:`conveyor.core.base.check_id` (a non-empty ``str``, no NUL -- PostgreSQL
-  text cannot hold it --, valid UTF-8), and at most 155 characters for task and group ids
-  (Celery's ``String(155)`` columns, also ``group_id``/``parent_id`` of a record), the same
-  for counter keys and members (one rule for every id). Checked on every method before any
-  statement runs: a refused id raises ``ConfigurationError``, never a database error (an
-  ``int`` would compare as a number in MySQL and match ``'5abc...'``).
-* MariaDB/MySQL compare ``VARCHAR`` values ignoring trailing spaces (PAD SPACE), so an id
-  ending in a space is refused there. Tables created here use the ``utf8mb4_bin`` collation
-  for ids (exact: ``'ABC'`` and ``'abc'`` are two ids). A table created with a
-  case-insensitive collation (Celery's, the server default ``utf8mb4_general_ci``) is still
-  read exactly (reads and deletes also compare the bytes), and a store whose id collides
-  with another id under that collation is refused with ``ConfigurationError`` naming the fix
-  (``ALTER TABLE ... COLLATE utf8mb4_bin``) instead of overwriting the other task's row.
-  conveyor's own counter table is converted to ``utf8mb4_bin`` on first use.
-
-Other columns: the ``name``/``worker``/``queue`` columns (``String(155)``, informational)
-keep their first 155 characters; text columns (those three and ``traceback``) escape NUL and
-lone surrogates (``\\x00``, ``\\udc80``), which no SQL text type holds; ``retries`` outside a
-32-bit int raises ``EncodeError``. A ttl reaching past the year 9999 means "never expires".
-"""
+"""The SQL result backend (see :mod:`conveyor.backends.sqlalchemy` for URL, options, Celery
+compatibility and ids)."""
 
 from __future__ import annotations
 
@@ -80,8 +7,7 @@ import logging
 import math
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -91,26 +17,38 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
-from conveyor._sql import (
+from conveyor._drivers.sql import (
     Database,
-    EngineSettings,
     create_all_race_safe,
     make_database,
     split_url,
-    sql_identifier,
 )
-from conveyor.backends._sqlids import (
+from conveyor.backends.sqlalchemy.ids import (
     ID_LENGTH,
     brief,
     check_landed,
     exact_counters,
-    id_type,
     is_id,
     keep_other_row,
     loose_id_columns,
     text_value,
 )
-from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.backends.sqlalchemy.options import OPTION_NAMES, SQLAlchemyResultBackendOptions
+from conveyor.backends.sqlalchemy.tables import (
+    _EXTENDED_CODED,
+    _EXTENDED_TEXT,
+    _KEY_LENGTH,
+    _OPTIONAL,
+    _OURS,
+    _UTC,
+    _aware,
+    _naive_utc,
+    _utcnow,
+    counter_table,
+    group_table,
+    task_table,
+)
+from conveyor.core.base import ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import group_from_meta, group_meta, meta_from_record, record_from_meta
 from conveyor.core.errors import (
@@ -124,202 +62,14 @@ from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
 
-__all__ = [
-    "SQLAlchemyResultBackend",
-    "SQLAlchemyResultBackendOptions",
-    "counter_table",
-    "group_table",
-    "task_table",
-]
+__all__ = ["SQLAlchemyResultBackend"]
 
 log = logging.getLogger("conveyor.backends.sqlalchemy")
 
 _SCHEMES = ("db", "database")
-_UTC = timezone.utc
 _SUCCESS = State.SUCCESS.value
 _FETCH_CHUNK = 500
-_KEY_LENGTH = 255
 _INT32 = (-(2**31), 2**31 - 1)
-# Extended columns (Celery's result_extended) and the ResultRecord.extended keys they hold.
-_EXTENDED_TEXT = ("name", "worker", "queue")
-_EXTENDED_CODED = ("args", "kwargs")
-# Columns a table created by an older Celery may lack; we then neither write nor read them.
-_OPTIONAL = frozenset({"children", "stamps", *_EXTENDED_TEXT, *_EXTENDED_CODED, "retries"})
-# Columns we add to Celery's tables when missing.
-_OURS = ("expires_at", "group_id", "parent_id")
-
-
-@dataclass(frozen=True)
-class SQLAlchemyResultBackendOptions:
-    """Options of :class:`SQLAlchemyResultBackend` (seconds as float).
-
-    Attributes:
-        default_ttl: lifetime of a record, group or counter stored with ``ttl=None``; also
-            the lifetime after ``date_done`` of rows Celery wrote. ``None``/0: forever
-            (explicit configuration only).
-        serializer: result serializer name (Celery's ``result_serializer``).
-        accept: serializers ``fetch`` may decode; empty means ``(serializer,)``. A
-            pre-5.7 pickled row decodes only when ``pickle`` is accepted.
-        task_table, group_table: Celery's ``database_table_names`` ``task`` / ``group``.
-        counter_table: conveyor's counter table.
-        schema: database schema for all three, or None.
-        create_tables: create missing tables (and add our columns) on first use.
-        max_retries: attempts for transactions that hit deadlocks/serialization failures.
-        Others: engine settings, as for the SQL broker.
-    """
-
-    default_ttl: float | None = DEFAULT_RESULT_TTL
-    serializer: str = "json"
-    accept: tuple[str, ...] = ()
-    task_table: str = "celery_taskmeta"
-    group_table: str = "celery_tasksetmeta"
-    counter_table: str = "conveyor_counter"
-    schema: str | None = None
-    create_tables: bool = True
-    max_retries: int = 10
-    pool_size: int | None = None
-    max_overflow: int | None = None
-    pool_timeout: float | None = None
-    pool_recycle: float | None = 3600.0
-    connect_timeout: float | None = 10.0
-    operation_timeout: float | None = 30.0
-    sqlite_synchronous: str = "NORMAL"
-    echo: bool = False
-
-    def __post_init__(self) -> None:
-        ttl = self.default_ttl
-        if ttl is not None and not (ttl >= 0 and (math.isfinite(ttl) or ttl == math.inf)):
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
-        if self.max_retries < 1:
-            raise ConfigurationError("max_retries must be >= 1")
-        for name in ("task_table", "group_table", "counter_table"):
-            sql_identifier(getattr(self, name), name)
-        if self.schema is not None:
-            sql_identifier(self.schema, "schema")
-
-    def engine_settings(self) -> EngineSettings:
-        return EngineSettings(
-            pool_size=self.pool_size,
-            max_overflow=self.max_overflow,
-            pool_timeout=self.pool_timeout,
-            pool_recycle=self.pool_recycle,
-            connect_timeout=self.connect_timeout,
-            operation_timeout=self.operation_timeout,
-            sqlite_synchronous=self.sqlite_synchronous,
-            echo=self.echo,
-        )
-
-
-_OPTION_NAMES = frozenset(f.name for f in fields(SQLAlchemyResultBackendOptions))
-
-
-def _blob() -> sa.types.TypeEngine[bytes]:
-    return sa.LargeBinary().with_variant(mysql_dialect.LONGBLOB(), "mysql", "mariadb")
-
-
-def _datetime() -> sa.types.TypeEngine[datetime]:
-    return sa.DateTime().with_variant(mysql_dialect.DATETIME(fsp=6), "mysql", "mariadb")
-
-
-def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:
-    # Celery: Integer (BigInteger on MSSQL) with a named sequence, which PostgreSQL needs to
-    # exist because Celery's ORM inserts call nextval() on it by name.
-    return sa.Column(
-        "id",
-        sa.Integer().with_variant(sa.BigInteger(), "mssql"),
-        sa.Sequence(sequence, schema=schema),
-        primary_key=True,
-        autoincrement=True,
-    )
-
-
-def task_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
-    """Celery 5.7's ``celery_taskmeta`` (extended layout, as 5.7 always creates it) plus
-    conveyor's ``expires_at`` (indexed), ``group_id`` and ``parent_id``."""
-    return sa.Table(
-        name,
-        metadata,
-        _id_column("task_id_sequence", schema),
-        sa.Column("task_id", id_type(), unique=True),
-        sa.Column("status", sa.String(50)),
-        sa.Column("result", _blob(), nullable=True),
-        sa.Column("date_done", _datetime(), nullable=True, index=True),
-        sa.Column(
-            "traceback",
-            sa.Text().with_variant(mysql_dialect.LONGTEXT(), "mysql", "mariadb"),
-            nullable=True,
-        ),
-        sa.Column("children", _blob(), nullable=True),
-        sa.Column("name", sa.String(155), nullable=True),
-        sa.Column("args", _blob(), nullable=True),
-        sa.Column("kwargs", _blob(), nullable=True),
-        sa.Column("worker", sa.String(155), nullable=True),
-        sa.Column("retries", sa.Integer(), nullable=True),
-        sa.Column("queue", sa.String(155), nullable=True),
-        sa.Column("stamps", _blob(), nullable=True),
-        sa.Column("expires_at", _datetime(), nullable=True, index=True),
-        sa.Column("group_id", sa.String(155), nullable=True),
-        sa.Column("parent_id", sa.String(155), nullable=True),
-        schema=schema,
-        sqlite_autoincrement=True,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-    )
-
-
-def group_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
-    """Celery 5.7's ``celery_tasksetmeta`` plus conveyor's ``expires_at`` (indexed)."""
-    return sa.Table(
-        name,
-        metadata,
-        _id_column("taskset_id_sequence", schema),
-        sa.Column("taskset_id", id_type(), unique=True),
-        sa.Column("result", _blob(), nullable=True),
-        sa.Column("date_done", _datetime(), nullable=True, index=True),
-        sa.Column("expires_at", _datetime(), nullable=True, index=True),
-        schema=schema,
-        sqlite_autoincrement=True,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-    )
-
-
-def counter_table(metadata: sa.MetaData, name: str, *, schema: str | None) -> sa.Table:
-    """conveyor's counters and join sets.
-
-    One head row per key (``member = ''``) holds the counter value, or the member count of
-    a set, and the key's expiry; one row per set member (``member = '+' + name``).
-    """
-    return sa.Table(
-        name,
-        metadata,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-        sa.Column("counter_key", id_type(_KEY_LENGTH), nullable=False),
-        sa.Column("member", id_type(_KEY_LENGTH), nullable=False),
-        sa.Column("value", sa.BigInteger(), nullable=False),
-        sa.Column("expires_at", _datetime(), nullable=True, index=True),
-        sa.UniqueConstraint("counter_key", "member", name=f"uq_{name}_key_member"),
-        schema=schema,
-        mysql_engine="InnoDB",
-        mysql_charset="utf8mb4",
-    )
-
-
-def _utcnow() -> datetime:
-    """Naive UTC wall time, the convention of Celery's ``date_done`` column."""
-    return datetime.now(_UTC).replace(tzinfo=None)
-
-
-def _naive_utc(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        return value
-    return value.astimezone(_UTC).replace(tzinfo=None)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
 
 
 class SQLAlchemyResultBackend(ResultBackendBase):
@@ -399,7 +149,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
         Raises:
             InvalidURL, ConfigurationError, MissingDependency: see the SQL broker.
         """
-        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=_OPTION_NAMES)
+        sa_url, query = split_url(url, prefixes=_SCHEMES, option_names=OPTION_NAMES)
         opts = build_options(SQLAlchemyResultBackendOptions, query, options, owner="db+ backend")
         db = make_database(
             sa_url, url_text=url, settings=opts.engine_settings(), max_retries=opts.max_retries
