@@ -81,11 +81,11 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
-from bson.errors import BSONError
 from pymongo import ASCENDING, IndexModel, MongoClient, ReturnDocument
 from pymongo import errors as mongo_errors
 from pymongo.collection import Collection
 
+from conveyor._drivers.mongodb import DRIVER_ERRORS, connect, split_mongodb_url, translate_error
 from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import group_from_meta, meta_from_record, record_from_meta
@@ -100,11 +100,6 @@ from conveyor.core.options import build_options
 from conveyor.core.serializers import SerializerRegistry, default_serializers
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_text, mask_url
-from conveyor.transports.mongodb import (
-    driver_defaults,
-    split_mongodb_url,
-    translate_error,
-)
 
 __all__ = ["MongoDBResultBackend", "MongoDBResultBackendOptions"]
 
@@ -270,20 +265,13 @@ class MongoDBResultBackend(ResultBackendBase):
         opts = build_options(
             MongoDBResultBackendOptions, query, options, owner="mongodb result backend"
         )
-        kwargs = driver_defaults(
+        client = connect(
             driver_url,
+            url,
             connect_timeout=opts.connect_timeout,
             server_selection_timeout=opts.server_selection_timeout,
             operation_timeout=opts.operation_timeout,
         )
-        try:
-            client: MongoClient[dict[str, Any]] = MongoClient(driver_url, **kwargs)
-        except mongo_errors.PyMongoError as exc:
-            raise translate_error(exc, what="create client", url=url) from exc
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(
-                f"bad MongoDB URL {mask_url(url)!r}: {mask_text(str(exc))}"
-            ) from None
         try:
             return cls(client, opts, serializers=serializers, url=url, _owns_client=True)
         except BaseException:
@@ -304,7 +292,7 @@ class MongoDBResultBackend(ResultBackendBase):
             if not self._indexes_ready:
                 self._create_indexes()
             yield
-        except (mongo_errors.PyMongoError, BSONError, OverflowError, UnicodeError) as exc:
+        except DRIVER_ERRORS as exc:
             if self._closed:
                 raise ConnectionLost(f"{self!r} is closed") from exc
             raise translate_error(exc, what=what, url=self.url) from exc

@@ -18,10 +18,10 @@ import pytest
 from bson import Binary, Int64
 from mongosupport import mongodb_url  # noqa: F401 - a fixture
 
+from conveyor._drivers import mongodb
 from conveyor.core.errors import ConfigurationError
 from conveyor.core.types import Delivery, Envelope
 from conveyor.testing.support import unique_name
-from conveyor.transports import mongodb
 from conveyor.transports._common import MAX_REASON_CHARS, ORIGINAL_HEADER, UNDECODABLE_CONTENT_TYPE
 from conveyor.transports.mongodb import (
     DEAD_LETTER_REASON_HEADER,

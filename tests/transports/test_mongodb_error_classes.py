@@ -1,4 +1,4 @@
-"""``conveyor.transports.mongodb.translate_error`` on the MongoDB-protocol test server
+"""``conveyor._drivers.mongodb.translate_error`` on the MongoDB-protocol test server
 (issue 13, class 1), for the broker and the result backend alike: a stored document that
 cannot be read (a UUID of the wrong size) is a ``DecodeError``, not "cannot be stored"; text
 BSON cannot hold (a lone surrogate) is an ``EncodeError`` on every path, never a raw
@@ -14,6 +14,7 @@ from bson import Binary
 from bson.errors import InvalidBSON
 from mongosupport import mongodb_url, unreachable_mongodb_url  # noqa: F401 - a fixture
 
+from conveyor._drivers.mongodb import translate_error
 from conveyor.backends.mongodb import MongoDBResultBackend
 from conveyor.core.errors import (
     ConnectionLost,
@@ -23,7 +24,7 @@ from conveyor.core.errors import (
 )
 from conveyor.core.types import Envelope, ResultRecord, State
 from conveyor.testing.support import unique_name
-from conveyor.transports.mongodb import MongoDBBroker, translate_error
+from conveyor.transports.mongodb import MongoDBBroker
 
 
 @pytest.fixture

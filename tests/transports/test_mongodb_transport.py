@@ -22,6 +22,7 @@ from mongosupport import mongodb_url, server_description, unreachable_mongodb_ur
 from pymongo import MongoClient
 from pymongo import errors as mongo_errors
 
+from conveyor._drivers.mongodb import driver_defaults, split_mongodb_url, translate_error
 from conveyor.core.errors import (
     ConfigurationError,
     ConnectionLost,
@@ -38,9 +39,6 @@ from conveyor.transports.mongodb import (
     DEAD_LETTER_REASON_HEADER,
     DEAD_LETTER_SOURCE_HEADER,
     MongoDBBroker,
-    driver_defaults,
-    split_mongodb_url,
-    translate_error,
 )
 
 OPTIONS = ("lease_seconds", "database", "collection", "poll_interval")
