@@ -86,7 +86,7 @@ from pymongo import errors as mongo_errors
 from pymongo.collection import Collection
 
 from conveyor._drivers.mongodb import DRIVER_ERRORS, connect, split_mongodb_url, translate_error
-from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase
+from conveyor.core.base import DEFAULT_RESULT_TTL, ResultBackendBase, check_default_ttl
 from conveyor.core.capabilities import Capability
 from conveyor.core.celery import group_from_meta, meta_from_record, record_from_meta
 from conveyor.core.errors import (
@@ -97,7 +97,7 @@ from conveyor.core.errors import (
     OperationTimeout,
 )
 from conveyor.core.options import build_options
-from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.serializers import SerializerRegistry
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
 from conveyor.core.urls import mask_text, mask_url
 
@@ -163,13 +163,7 @@ class MongoDBResultBackendOptions:
     operation_timeout: float | None = 30.0
 
     def __post_init__(self) -> None:
-        ttl = self.default_ttl
-        if ttl is not None and (
-            isinstance(ttl, bool)
-            or not isinstance(ttl, int | float)
-            or not (ttl >= 0 and (math.isfinite(ttl) or ttl == math.inf))
-        ):
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        check_default_ttl(self.default_ttl)
         for name in ("connect_timeout", "server_selection_timeout", "operation_timeout"):
             value = getattr(self, name)
             if value is not None and not (
@@ -238,10 +232,7 @@ class MongoDBResultBackend(ResultBackendBase):
         self._client = client
         self._owns_client = _owns_client
         self.url = url or "mongodb://"
-        self.default_ttl = opts.default_ttl if opts.default_ttl else None
-        self._serializers = serializers or default_serializers
-        self._serializer = self._serializers.get(opts.serializer)
-        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        self._set_up_results(opts, serializers)
         database = client[opts.database or client.get_default_database("celery").name]
         self._tasks: Collection[dict[str, Any]] = database[opts.taskmeta_collection]
         self._groups: Collection[dict[str, Any]] = database[opts.groupmeta_collection]

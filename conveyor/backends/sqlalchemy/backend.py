@@ -59,7 +59,7 @@ from conveyor.core.errors import (
     EncodeError,
 )
 from conveyor.core.options import build_options
-from conveyor.core.serializers import SerializerRegistry, default_serializers
+from conveyor.core.serializers import SerializerRegistry
 from conveyor.core.types import READY_STATES, GroupRecord, ResultRecord, State
 
 __all__ = ["SQLAlchemyResultBackend"]
@@ -121,10 +121,7 @@ class SQLAlchemyResultBackend(ResultBackendBase):
                 type(self).capabilities - {Capability.DURABLE, Capability.CROSS_PROCESS},
             )
         self.url = _url or f"db+{self._db.engine.url.render_as_string(hide_password=True)}"
-        self.default_ttl = opts.default_ttl if opts.default_ttl else None
-        self._serializers = serializers or default_serializers
-        self._serializer = self._serializers.get(opts.serializer)
-        self._accept = self._serializers.normalize_accept(opts.accept or (opts.serializer,))
+        self._set_up_results(opts, serializers)
         self._metadata = sa.MetaData()
         self._tasks = task_table(self._metadata, opts.task_table, schema=opts.schema)
         self._groups = group_table(self._metadata, opts.group_table, schema=opts.schema)

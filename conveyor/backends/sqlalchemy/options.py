@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 from conveyor._drivers.sql import (
@@ -10,7 +9,7 @@ from conveyor._drivers.sql import (
     engine_settings,
     sql_identifier,
 )
-from conveyor.core.base import DEFAULT_RESULT_TTL
+from conveyor.core.base import DEFAULT_RESULT_TTL, check_default_ttl
 from conveyor.core.errors import (
     ConfigurationError,
 )
@@ -56,9 +55,7 @@ class SQLAlchemyResultBackendOptions:
     echo: bool = False
 
     def __post_init__(self) -> None:
-        ttl = self.default_ttl
-        if ttl is not None and not (ttl >= 0 and (math.isfinite(ttl) or ttl == math.inf)):
-            raise ConfigurationError(f"default_ttl must be >= 0 seconds or None: {ttl!r}")
+        check_default_ttl(self.default_ttl)
         if self.max_retries < 1:
             raise ConfigurationError("max_retries must be >= 1")
         for name in ("task_table", "group_table", "counter_table"):
