@@ -6,7 +6,7 @@ Usage:
         [--section all|figures|hostile]
 
 REPORT defaults to $CONVEYOR_FAULTS_REPORT, else .tox/reports/faults.json (what `tox -e faults`
-and `make test` write; tests/faultsupport.py: record_figures). The tables replace everything
+and `make test` write; tests/support/faults.py: record_figures). The tables replace everything
 between the markers ``<!-- figures:start -->`` and ``<!-- figures:end -->`` in the doc, and
 the hostile-input suite's table (rows of kind "hostile", written by
 tests/faults/hostile_support.py: figures) everything between ``<!-- hostile:start -->`` and

@@ -24,7 +24,7 @@ settings.load_profile(
 @pytest.fixture
 def redis_bin() -> str:
     """Path of redis-server, for tests that start private Redis servers."""
-    from redissupport import redis_server_binary  # lazily: the unit env has no redis
+    from support.redis import redis_server_binary  # lazily: the unit env has no redis
 
     from conveyor.testing.support import requirement_missing
 

@@ -255,3 +255,29 @@ def test_broken_link_is_reported(tmp_path: Path) -> None:
     assert "c.md does not exist" in problems[0]
     assert "#there" in problems[1]
     assert "#nowhere" in problems[2]
+
+
+_DOC_CITATION = re.compile(r"docs/([\w./-]+\.md)(?:\s*\(?#|#)?([\w-]+)?")
+
+
+def cited_docs() -> list[tuple[str, str, str | None]]:
+    """(where, page, anchor) of every ``docs/<page>.md[#anchor]`` a module or test cites."""
+    found = []
+    for path in sorted([*(ROOT / "conveyor").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for match in _DOC_CITATION.finditer(line):
+                where = f"{path.relative_to(ROOT)}:{number}"
+                anchor = match.group(2) if "#" in match.group(0) else None
+                found.append((where, match.group(1), anchor))
+    return found
+
+
+def test_every_docs_page_and_anchor_cited_in_code_exists() -> None:
+    citations = cited_docs()
+    assert any(anchor for _, _, anchor in citations), "no cited anchor found: the rule is broken"
+    missing = [
+        f"{where}: docs/{page}" + (f"#{anchor}" if anchor else "")
+        for where, page, anchor in citations
+        if not (DOCS / page).is_file() or (anchor and anchor not in anchors(DOCS / page))
+    ]
+    assert missing == [], "cited docs pages or anchors that do not exist:\n" + "\n".join(missing)

@@ -40,7 +40,7 @@ Servers and keys:
     ring (pymemcache's default would silently move its keys to other servers and answer
     "not found" meanwhile): its keys raise :class:`ConnectionLost` until it is back.
 
-Celery compatibility (celery-wire.md 4.7):
+Celery compatibility (``docs/celery-compat.md#memcached-keys``):
 
 * Keys ``celery-task-meta-<task_id>`` and ``celery-taskset-meta-<group_id>``; values are the
   result meta encoded with the result serializer, ``task_id`` included (JSON text), flags 0.

@@ -31,7 +31,8 @@ Thread-safety:
     One instance may be shared by the threads of one process (:class:`pymongo.MongoClient`
     is thread-safe). Not fork-safe: build a new instance after ``fork()``.
 
-Celery compatibility (celery-wire.md 4.6; ``docs/backends/mongodb.md``):
+Celery compatibility (``docs/celery-compat.md#mongodb-result-documents``;
+``docs/stores/mongodb.md``):
 
 * Task documents: ``_id`` = task id, ``status``, ``result`` = the result (or exception
   document) encoded with the result serializer -- a *string* of JSON text for ``json`` and

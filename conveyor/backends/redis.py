@@ -33,7 +33,7 @@ Thread-safety:
     thread-safe pool; each ``wait`` call uses its own pub/sub connection from that pool for
     its duration. Never share an instance across ``fork()``.
 
-Celery compatibility (celery-wire.md 4.4):
+Celery compatibility (``docs/celery-compat.md#redis-result-keys``):
 
 * Records: ``celery-task-meta-<task id>`` holds the meta document (``status``, ``result``,
   ``traceback``, ``children``, ``date_done``, ``group_id``/``parent_id`` when set, extended

@@ -34,8 +34,9 @@ Thread-safety:
     driven by one I/O thread (:class:`~conveyor._drivers.amqp.link.AMQPLink`), and the records
     read so far sit behind a lock. Never share it across ``fork()``.
 
-Compatible with Celery's rpc backend in both directions (celery-wire 3.5): a worker publishes
-each state to exchange ``""`` with routing key = the task's ``reply_to`` and
+Compatible with Celery's rpc backend in both directions
+(``docs/celery-compat.md#rpc-replies``): a worker publishes each state to exchange ``""``
+with routing key = the task's ``reply_to`` and
 ``correlation_id`` = the task id, delivery mode 1 (2 with ``persistent``), priority 0, no
 headers, body = the result meta with ``task_id``; the client consumes its own reply queue and
 keeps the latest state per task id.

@@ -103,8 +103,9 @@ class ResultWriter:
                 "queue": request.delivery_info.get("routing_key"),
             }
         if routes_by_reply_to(self.app.backend):
-            # rpc://: the result is a message to the sender's reply queue (celery-wire 3.5);
-            # the backend takes these two keys out of the stored meta.
+            # rpc://: the result is a message to the sender's reply queue
+            # (docs/celery-compat.md#rpc-replies); the backend takes these two keys out
+            # of the stored meta.
             extended["reply_to"] = request.reply_to or ""
             extended["correlation_id"] = request.correlation_id or request.id
         return ResultRecord(

@@ -1,6 +1,6 @@
 """MemcachedResultBackend beyond the conformance suite: URLs, expiry times, failures, limits.
 
-Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/memcachedsupport.py``) where one is needed;
+Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/support/memcached.py``) where one is needed;
 the URL and expiry-time tests need none.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from memcachedsupport import (  # noqa: F401 - fixtures
+from support.memcached import (  # noqa: F401 - fixtures
     extra_memcached,
     free_port,
     memcached_url,

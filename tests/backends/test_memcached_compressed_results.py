@@ -11,8 +11,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from memcachedsupport import memcached_url  # noqa: F401 - fixture
 from pymemcache.client.hash import HashClient
+from support.memcached import memcached_url  # noqa: F401 - fixture
 
 from conveyor import App
 from conveyor.backends.memcached import MemcachedResultBackend, _parse_servers

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from memcachedsupport import free_port, memcached_url, raw_command  # noqa: F401 - fixture
+from support.memcached import free_port, memcached_url, raw_command  # noqa: F401 - fixture
 
 from conveyor.backends.memcached import MemcachedResultBackend
 from conveyor.core.errors import (

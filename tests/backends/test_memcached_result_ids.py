@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from hostileids import (
+from pymemcache.client.base import Client
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,
@@ -23,8 +24,7 @@ from hostileids import (
     assert_unencodable_result_is_an_encode_error,
     odd_id,
 )
-from memcachedsupport import free_port, memcached_url  # noqa: F401
-from pymemcache.client.base import Client
+from support.memcached import free_port, memcached_url  # noqa: F401
 
 from conveyor.backends.memcached import MemcachedResultBackend, translate_error
 from conveyor.core.errors import (

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from hostileids import (
+from pymongo import MongoClient, monitoring
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,
@@ -22,8 +23,7 @@ from hostileids import (
     assert_unencodable_result_is_an_encode_error,
     odd_id,
 )
-from mongosupport import free_port, mongodb_url, unreachable_mongodb_url  # noqa: F401
-from pymongo import MongoClient, monitoring
+from support.mongo import free_port, mongodb_url, unreachable_mongodb_url  # noqa: F401
 
 from conveyor.backends.mongodb import MongoDBResultBackend, MongoDBResultBackendOptions
 from conveyor.core.errors import (

@@ -1,7 +1,7 @@
 """MongoDBResultBackend beyond the conformance suite: the TTL index at work, the documents
 as stored, documents other writers left behind, options and failures.
 
-Servers: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/mongosupport.py``), and for the TTL-monitor
+Servers: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/support/mongo.py``), and for the TTL-monitor
 test a private SecantusDB sweeping every second (skipped when SecantusDB is not installed).
 """
 
@@ -13,12 +13,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from mongosupport import (  # noqa: F401 - fixtures
+from pymongo import MongoClient
+from support.mongo import (  # noqa: F401 - fixtures
     mongodb_url,
     private_secantus,
     unreachable_mongodb_url,
 )
-from pymongo import MongoClient
 
 from conveyor.backends.mongodb import MongoDBResultBackend
 from conveyor.core.capabilities import Capability

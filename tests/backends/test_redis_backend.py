@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from redissupport import REDIS_URL, delete_keys, require_redis
+from support.redis import REDIS_URL, delete_keys, require_redis
 
 from conveyor.backends.redis import RedisResultBackend
 from conveyor.core.celery import COMPRESSED_RESULT_MARKER, celery_key_prefix

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redissupport import REDIS_URL, require_redis
+from support.redis import REDIS_URL, require_redis
 
 from conveyor import App
 from conveyor.backends.redis import RedisResultBackend

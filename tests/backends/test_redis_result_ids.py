@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from hostileids import (
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,
@@ -21,7 +21,7 @@ from hostileids import (
     assert_wait_wakes_within,
     odd_id,
 )
-from redissupport import REDIS_URL, closed_port_url, delete_keys, require_redis
+from support.redis import REDIS_URL, closed_port_url, delete_keys, require_redis
 
 from conveyor.backends.redis import RedisResultBackend
 from conveyor.core.errors import (

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from redissupport import REDIS_URL, require_redis
+from support.redis import REDIS_URL, require_redis
 
 from conveyor.backends.redis import RedisResultBackend
 from conveyor.core.types import ResultRecord, State

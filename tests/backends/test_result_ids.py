@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
-from hostileids import (
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pika
 import pytest
-from amqpsupport import amqp_url  # noqa: F401 - fixture
+from support.amqp import amqp_url  # noqa: F401 - fixture
 
 from conveyor import App
 from conveyor.backends.rpc import RPCResultBackend

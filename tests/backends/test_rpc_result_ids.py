@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from amqpsupport import UNREACHABLE_AMQP_URL, amqp_url  # noqa: F401
-from hostileids import (
+from support.amqp import UNREACHABLE_AMQP_URL, amqp_url  # noqa: F401
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,

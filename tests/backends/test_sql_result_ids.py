@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hostileids import (
+from support.hostileids import (
     NOT_STRINGS,
     ODD_IDS,
     assert_closed_backend_raises_connection_lost,
@@ -22,7 +22,7 @@ from hostileids import (
     assert_unencodable_result_is_an_encode_error,
     odd_id,
 )
-from sqlsupport import SqlTarget, make_target, selected, sql_target  # noqa: F401
+from support.sql import SqlTarget, make_target, selected, sql_target  # noqa: F401
 
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend
 from conveyor.core.errors import (

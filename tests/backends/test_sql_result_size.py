@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlsupport import MYSQL_URL, selected
+from support.sql import MYSQL_URL, selected
 
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend
 from conveyor.core.errors import EncodeError

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import SqlTarget, make_target, sql_target_params
+from support.sql import SqlTarget, make_target, sql_target_params
 
 from conveyor._drivers.sql import create_all_race_safe
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend

@@ -1,7 +1,7 @@
 """SQLAlchemyResultBackend specifics beyond the conformance suite: Celery's table layout and
 byte encoding, our expiry column, batched sweeping, legacy rows, options, races.
 
-Runs on every selected database (``tests/sqlsupport.py``); nothing is mocked.
+Runs on every selected database (``tests/support/sql.py``); nothing is mocked.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import SqlTarget, sql_target  # noqa: F401 - fixture
+from support.sql import SqlTarget, sql_target  # noqa: F401 - fixture
 
 from conveyor.backends.sqlalchemy import (
     SQLAlchemyResultBackend,

@@ -94,7 +94,7 @@ def make_conveyor_app(max_priority: int | None = None) -> App:
         result_expires=600.0,
     )
     # The reply queue must be the oid the app puts in reply_to (the runtime change that
-    # would make this automatic is described in docs/backends/amqp.md).
+    # would make this automatic is described in docs/stores/amqp.md).
     conveyor.conf.result_backend_transport_options = {"broker_url": URL, "reply_to": conveyor.oid}
     for name, fn in TASKS.items():
         conveyor.task(name=name)(fn)

@@ -34,7 +34,7 @@ import pytest
 
 pytest.importorskip("celery")
 
-from amqpsupport import AMQP_URL, QueueJanitor, require_amqp, server_lock, terminating
+from support.amqp import AMQP_URL, QueueJanitor, require_amqp, server_lock, terminating
 
 from conveyor.core.types import State
 from conveyor.runtime import App
@@ -100,7 +100,7 @@ def _conveyor_client(janitor: QueueJanitor, max_priority: int | None = None) -> 
     app = celery_amqp_app.make_conveyor_app(max_priority)
     janitor.track(app.broker)
     # Celery's client declares its reply queue before the first publish (on_task_call);
-    # conveyor's App does not yet (see docs/backends/amqp.md), so do it here.
+    # conveyor's App does not yet (see docs/stores/amqp.md), so do it here.
     app.backend.declare_reply_queue()
     return app
 

@@ -8,7 +8,7 @@ here on memcached; this file adds what is memcached's own:
 * With two servers (``cache+memcached://h1;h2/``) both sides put every key on the same
   server (pymemcache's rendezvous hashing), so each reads all of the other's results.
 
-Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/memcachedsupport.py``); the second server is
+Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/support/memcached.py``); the second server is
 started by the test. Skips without Celery.
 """
 
@@ -23,9 +23,9 @@ pytest.importorskip("celery")
 
 from celery import Celery
 from celery.result import AsyncResult
-from memcachedsupport import extra_memcached, memcached_url, raw_command  # noqa: F401
 from pymemcache.client.base import Client
 from result_compat import TIMEOUT, UTC, CeleryResultCompat, celery_app
+from support.memcached import extra_memcached, memcached_url, raw_command  # noqa: F401
 
 from conveyor.backends.memcached import MemcachedResultBackend, _parse_servers
 from conveyor.core.types import ResultRecord, State

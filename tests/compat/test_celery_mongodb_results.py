@@ -11,7 +11,7 @@ what is MongoDB's own:
   cleanup.
 * conveyor's documents have Celery's fields and BSON types.
 
-Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/mongosupport.py``); both sides use its
+Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/support/mongo.py``); both sides use its
 database (Celery takes it from the URL path too). Skips without Celery.
 """
 
@@ -29,9 +29,9 @@ pytest.importorskip("celery")
 from celery import Celery
 from celery.app.task import Context
 from celery.result import AsyncResult
-from mongosupport import mongodb_url  # noqa: F401 - fixture
 from pymongo import MongoClient
 from result_compat import TIMEOUT, UTC, CeleryResultCompat, celery_app
+from support.mongo import mongodb_url  # noqa: F401 - fixture
 
 from conveyor.backends.mongodb import MongoDBResultBackend
 from conveyor.core.types import ResultRecord, State

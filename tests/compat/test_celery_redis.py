@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("celery")
 
 import redis
-from redissupport import REDIS_URL, delete_keys, require_redis, terminating
+from support.redis import REDIS_URL, delete_keys, require_redis, terminating
 
 from conveyor.core.types import State
 from conveyor.testing.support import eventually, unique_name

@@ -11,7 +11,7 @@ is SQL's own:
   Celery's table).
 
 Databases: SQLite files always, PostgreSQL and MariaDB as selected by ``CONVEYOR_TEST_SQL``
-(``tests/sqlsupport.py``). Skips when Celery or SQLAlchemy is not installed.
+(``tests/support/sql.py``). Skips when Celery or SQLAlchemy is not installed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.result import AsyncResult
 from result_compat import UTC, CeleryResultCompat, celery_app
-from sqlsupport import SqlTarget, make_target, selected
+from support.sql import SqlTarget, make_target, selected
 
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend
 from conveyor.core.types import ResultRecord, State

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faultsupport import (
+from support.faults import (
     AMQP_URL,
     MEMCACHED_URL,
     MONGODB_URL,
@@ -174,7 +174,7 @@ def server_lock(where: Place) -> Iterator[None]:
     if not (where.amqp or where.backend_name == "rpc"):
         yield
         return
-    from amqpsupport import server_lock as lock
+    from support.amqp import server_lock as lock
 
     with lock():
         yield

@@ -27,8 +27,8 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from amqpsupport import amqp_error, rabbitmqctl, require_amqp, server_lock
-from faultsupport import record_figures
+from support.amqp import amqp_error, rabbitmqctl, require_amqp, server_lock
+from support.faults import record_figures
 
 from conveyor.core.errors import ConveyorError, OperationalError
 from conveyor.runtime import App

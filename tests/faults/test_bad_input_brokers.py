@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultsupport import amqp_shared_lock, cleanup_queue, record_figures, target
+from support.faults import amqp_shared_lock, cleanup_queue, record_figures, target
 
 from conveyor import App, Envelope
 from conveyor.core.capabilities import Capability

@@ -21,7 +21,6 @@ import signal
 from pathlib import Path
 
 import pytest
-from faultsupport import PrivateRedis, TcpProxy
 from hostile_support import (
     BROKERS,
     REDIS_URL,
@@ -37,6 +36,7 @@ from hostile_support import (
     server_lock,
     settled,
 )
+from support.faults import PrivateRedis, TcpProxy
 
 from conveyor.core.errors import ConfigurationError, OperationalError, SerializationError
 from conveyor.core.types import State

@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from faultsupport import free_port, wait_port
 from hostile_support import (
     AMQP_URL,
     cli_env,
@@ -36,6 +35,7 @@ from hostile_support import (
     figures,
     no_secret,
 )
+from support.faults import free_port, wait_port
 
 from conveyor.core.urls import mask_url
 from conveyor.testing.support import requirement_missing, unique_name

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from faultsupport import (
+from support.faults import (
     Markers,
     TcpProxy,
     WorkerProcs,

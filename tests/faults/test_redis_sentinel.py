@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis
 import redis.sentinel
-from redissupport import free_port, redis_server_binary, terminating, wait_for_port
+from support.redis import free_port, redis_server_binary, terminating, wait_for_port
 
 from conveyor.core.errors import OperationalError
 from conveyor.core.types import State

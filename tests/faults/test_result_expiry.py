@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultsupport import (
+from support.faults import (
     AMQP_URL,
     MEMCACHED_URL,
     POSTGRES_URL,
@@ -44,7 +44,7 @@ from conveyor.runtime import App
 from conveyor.testing.support import eventually, service_unavailable, unique_name
 
 with contextlib.suppress(ImportError):  # the MongoDB test's private server (a fixture)
-    from mongosupport import private_secantus  # noqa: F401
+    from support.mongo import private_secantus  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -225,7 +225,7 @@ def test_sql_every_row_written_has_expires_at_and_is_gone_after_it(
 def test_mongodb_every_document_has_expires_at_under_a_ttl_index_and_is_swept(
     private_secantus: str,
 ) -> None:
-    """On a private SecantusDB whose TTL monitor sweeps every second (tests/mongosupport.py);
+    """On a private SecantusDB whose TTL monitor sweeps every second (tests/support/mongo.py);
     a real MongoDB's monitor runs every 60 s."""
     import pymongo
 
@@ -313,7 +313,7 @@ def test_memcached_every_key_has_an_exptime_and_misses_after_it() -> None:
 
 def test_rpc_reply_queue_and_result_messages_expire() -> None:
     import pika
-    from amqpsupport import rabbitmqctl, require_amqp, server_lock
+    from support.amqp import rabbitmqctl, require_amqp, server_lock
 
     from conveyor.transports.amqp import parse_amqp_url
 

@@ -14,7 +14,7 @@ import itertools
 import uuid
 
 import pytest
-from faultsupport import REDIS_URL, target
+from support.faults import REDIS_URL, target
 
 from conveyor.core.types import Envelope
 from conveyor.testing.support import eventually, unique_name

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultsupport import (
+from support.faults import (
     Markers,
     PrivatePostgres,
     PrivateRedis,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultsupport import (
+from support.faults import (
     Markers,
     Target,
     WorkerProcs,

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faultsupport import (
+from support.faults import (
     Markers,
     WorkerProcs,
     amqp_shared_lock,

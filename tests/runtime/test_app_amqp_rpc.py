@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from amqpsupport import QueueJanitor, amqp_url, janitor  # noqa: F401 - fixtures
+from support.amqp import QueueJanitor, amqp_url, janitor  # noqa: F401 - fixtures
 
 from conveyor import App
 from conveyor.testing.support import unique_name

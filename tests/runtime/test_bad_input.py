@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faultsupport import record_figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.faults import record_figures
 
 from conveyor import App, Envelope
 from conveyor.core.errors import (

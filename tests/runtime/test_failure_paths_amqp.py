@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from amqpsupport import QueueJanitor, amqp_url, janitor  # noqa: F401 - fixtures
 from failpaths import Runs, Unstorable, running
+from support.amqp import QueueJanitor, amqp_url, janitor  # noqa: F401 - fixtures
 
 from conveyor import App
 from conveyor.core.celery import TaskMessage, build_envelope

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from failpaths import Runs, Unstorable, running
-from faultsupport import TcpProxy
-from redissupport import REDIS_URL, delete_keys, require_redis
+from support.faults import TcpProxy
+from support.redis import REDIS_URL, delete_keys, require_redis
 
 from conveyor import App
 from conveyor.core.celery import TaskMessage, build_envelope

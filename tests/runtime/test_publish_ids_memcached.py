@@ -5,7 +5,7 @@ anything is published (issue 13, item 4); without a result it is sent."""
 from __future__ import annotations
 
 import pytest
-from memcachedsupport import memcached_url  # noqa: F401 - fixture
+from support.memcached import memcached_url  # noqa: F401 - fixture
 
 from conveyor import App
 from conveyor.core.errors import ConfigurationError

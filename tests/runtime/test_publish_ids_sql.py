@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlsupport import SqlTarget, make_target, sql_target_params
+from support.sql import SqlTarget, make_target, sql_target_params
 
 from conveyor import App
 from conveyor.core.errors import ConfigurationError

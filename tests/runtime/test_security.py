@@ -385,7 +385,7 @@ def test_a_known_password_never_appears_in_worker_or_cli_output(tmp_path: Path) 
     if exe is None:
         requirement_missing("redis-server is not installed")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from faultsupport import free_port, wait_port
+    from support.faults import free_port, wait_port
 
     from conveyor.core.urls import mask_url
 

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from redissupport import free_port, terminating, wait_for_port
+from support.redis import free_port, terminating, wait_for_port
 
 from conveyor import App
 from conveyor.core.errors import OperationalError

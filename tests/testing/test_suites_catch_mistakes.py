@@ -7,7 +7,7 @@ why. The durable and cross-process mistakes are the kind an in-process suite can
 they keep state per process, which every broker of the test shares, so only the tests that
 SIGKILL another process catch them.
 
-The broker mistakes are built on the test-only spool broker (``tests/conformance/spool.py``),
+The broker mistakes are built on the test-only spool broker (``tests/testing/spool.py``),
 which passes the whole suite; the result backend mistakes on the memory backend.
 """
 
@@ -20,13 +20,13 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-_CONFORMANCE = Path(__file__).resolve().parents[1] / "conformance"
+_SPOOL = Path(__file__).resolve().parent  # spool.py lives beside this file
 
 
 @pytest.fixture
 def third_party(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester directory where ``import spool`` works (as in tests/conformance)."""
-    monkeypatch.setenv("PYTHONPATH", str(_CONFORMANCE))
+    """A pytester directory where ``import spool`` works (as in tests/testing)."""
+    monkeypatch.setenv("PYTHONPATH", str(_SPOOL))
     return pytester
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pika
 import pytest
-from amqpsupport import (
+from support.amqp import (
     QueueJanitor,
     amqp_url,  # noqa: F401 - a fixture
     janitor,  # noqa: F401 - a fixture

@@ -18,7 +18,7 @@ from typing import Any
 import kombu
 import pika
 import pytest
-from amqpsupport import (
+from support.amqp import (
     AMQP_URL,
     UNREACHABLE_AMQP_URL,
     QueueJanitor,

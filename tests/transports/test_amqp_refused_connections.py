@@ -1,6 +1,6 @@
 """An AMQP broker whose connections are accepted and dropped at once, again and again (a
 server going down, a proxy refusing), keeps reconnecting and works once they are let
-through (a TCP proxy from tests/faultsupport.py in front of the machine's RabbitMQ).
+through (a TCP proxy from tests/support/faults.py in front of the machine's RabbitMQ).
 
 Now and then pika raises out of its own callback in that situation (ValueError
 "getpeername() failed", when the reset lands between connect and getpeername), which used to
@@ -15,7 +15,7 @@ import os
 import time
 
 import pytest
-from faultsupport import TcpProxy
+from support.faults import TcpProxy
 
 from conveyor.core.errors import ConveyorError
 from conveyor.core.types import Envelope

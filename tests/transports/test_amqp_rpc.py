@@ -19,7 +19,7 @@ from typing import Any
 import kombu
 import pika
 import pytest
-from amqpsupport import QueueJanitor, amqp_url, janitor, rabbitmqctl  # noqa: F401
+from support.amqp import QueueJanitor, amqp_url, janitor, rabbitmqctl  # noqa: F401
 
 from conveyor.backends.rpc import RPCResultBackend
 from conveyor.core.errors import ConfigurationError, EncodeError, InvalidURL
@@ -223,7 +223,7 @@ def test_a_conveyor_worker_answers_a_conveyor_client_over_rpc(
     thread.start()
     try:
         assert worker.wait_started(15.0)
-        client.backend.declare_reply_queue()  # see docs/backends/amqp.md: runtime change
+        client.backend.declare_reply_queue()  # see docs/stores/amqp.md: runtime change
         results = [client.send_task("rpc.add", (i, i), queue=queue) for i in range(20)]
         assert [r.get(timeout=20.0) for r in results] == [2 * i for i in range(20)]
         failing = client.send_task("rpc.fail", queue=queue)

@@ -3,7 +3,7 @@ with: reasons are recorded whatever they are (bounded, printable, never raising)
 the store cannot hold is refused at publish with a non-transient error.
 
 The memory broker keeps envelopes as objects, so it has nothing to decode: its malformed
-input is what ``publish`` refuses (tests/unit/test_memory_transport.py covers priorities).
+input is what ``publish`` refuses (tests/transports/test_memory_transport.py covers priorities).
 """
 
 from __future__ import annotations

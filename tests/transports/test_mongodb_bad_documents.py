@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from bson import Binary, Int64
-from mongosupport import mongodb_url  # noqa: F401 - a fixture
+from support.mongo import mongodb_url  # noqa: F401 - a fixture
 
 from conveyor._drivers import mongodb
 from conveyor.core.errors import ConfigurationError

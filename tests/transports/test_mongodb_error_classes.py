@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from bson import Binary
 from bson.errors import InvalidBSON
-from mongosupport import mongodb_url, unreachable_mongodb_url  # noqa: F401 - a fixture
+from support.mongo import mongodb_url, unreachable_mongodb_url  # noqa: F401 - a fixture
 
 from conveyor._drivers.mongodb import translate_error
 from conveyor.backends.mongodb import MongoDBResultBackend

@@ -1,7 +1,7 @@
 """MongoDBBroker beyond the conformance suite: URL handling, error translation, the stored
 document, indexes, delayed promotion, dead letters and concurrent consumers.
 
-Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/mongosupport.py``) where one is needed; the URL
+Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/support/mongo.py``) where one is needed; the URL
 and error-mapping tests need none. Counts stay small: the default test server (SecantusDB)
 does tens of claims per second.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from bson.errors import InvalidDocument
-from mongosupport import mongodb_url, server_description, unreachable_mongodb_url  # noqa: F401
 from pymongo import MongoClient
 from pymongo import errors as mongo_errors
+from support.mongo import mongodb_url, server_description, unreachable_mongodb_url  # noqa: F401
 
 from conveyor._drivers.mongodb import driver_defaults, split_mongodb_url, translate_error
 from conveyor.core.errors import (

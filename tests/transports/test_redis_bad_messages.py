@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redissupport import REDIS_URL, delete_keys, require_redis
+from support.redis import REDIS_URL, delete_keys, require_redis
 
 from conveyor.core.errors import ConfigurationError
 from conveyor.core.types import Delivery, Envelope

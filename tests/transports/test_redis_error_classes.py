@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redissupport import REDIS_URL, free_port, require_redis, terminating, wait_for_port
+from support.redis import REDIS_URL, free_port, require_redis, terminating, wait_for_port
 
 from conveyor._drivers.redis import RedisConnectionOptions, reply_code, translating
 from conveyor.core.errors import (

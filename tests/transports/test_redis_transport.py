@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from kombu.utils.json import loads
-from redissupport import (
+from support.redis import (
     REDIS_URL,
     closed_port_url,
     delete_keys,

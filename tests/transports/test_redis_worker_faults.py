@@ -29,7 +29,7 @@ if __name__ == "__main__":  # a worker subprocess: make the test helpers importa
 
 import pytest
 import redis
-from redissupport import REDIS_URL, delete_keys, require_redis, terminating, vm_rss_kib
+from support.redis import REDIS_URL, delete_keys, require_redis, terminating, vm_rss_kib
 
 from conveyor.runtime import App
 from conveyor.testing.support import eventually, unique_name

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
-from sqlsupport import SqlTarget, make_target, sql_target_params
+from support.sql import SqlTarget, make_target, sql_target_params
 
 from conveyor._drivers.sql import Database, EngineSettings, make_database
 from conveyor.core.errors import (

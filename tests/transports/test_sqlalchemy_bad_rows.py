@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import SqlTarget, sql_target  # noqa: F401 - sql_target is a fixture
+from support.sql import SqlTarget, sql_target  # noqa: F401 - sql_target is a fixture
 
 from conveyor.backends.sqlalchemy import SQLAlchemyResultBackend
 from conveyor.core.errors import ConfigurationError

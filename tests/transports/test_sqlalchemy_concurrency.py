@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlsupport import SqlTarget, make_target, selected
+from support.sql import SqlTarget, make_target, selected
 
 from conveyor.core.errors import InvalidReceipt
 from conveyor.core.types import Envelope

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import SqlTarget, sql_target  # noqa: F401 - sql_target is a fixture
+from support.sql import SqlTarget, sql_target  # noqa: F401 - sql_target is a fixture
 
 from conveyor.core.errors import EncodeError
 from conveyor.core.types import Envelope

@@ -1,7 +1,7 @@
 """SQLAlchemyBroker specifics the conformance suite does not cover: URLs and options, the
 table and its indexes, error translation, deadlock/lock retries, lease bookkeeping.
 
-Runs on every selected database (``tests/sqlsupport.py``). No database is mocked: deadlocks
+Runs on every selected database (``tests/support/sql.py``). No database is mocked: deadlocks
 and lock waits are produced for real by a second connection.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import (  # noqa: F401 - sql_target is a fixture
+from support.sql import (  # noqa: F401 - sql_target is a fixture
     POSTGRES_URL,
     SqlTarget,
     make_target,

@@ -27,7 +27,8 @@ Thread-safety:
     One instance may be shared by the threads of one process (each call takes a pooled
     connection). Build a new instance after ``fork()``.
 
-Celery compatibility (``docs/backends/sql.md`` and celery-wire.md 4.5):
+Celery compatibility (``docs/celery-compat.md#sql-result-tables``,
+``docs/stores/sql.md``):
 
 * The tables have Celery 5.7's columns, names and meanings: ``task_id`` unique, ``status``,
   ``result`` = the result (or the exception document) encoded with the result serializer,

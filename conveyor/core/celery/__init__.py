@@ -4,8 +4,9 @@ This module turns a :class:`TaskMessage` into the exact :class:`~conveyor.core.t
 Celery 5.7 sends (``build_envelope``), reads any Celery 5.x task message back
 (``parse_envelope``, ``peek``), and converts :class:`~conveyor.core.types.ResultRecord` to and
 from Celery's result meta document (``meta_from_record``, ``record_from_meta``,
-``encode_meta``, ``decode_meta``). The normative description is ``celery-wire.md`` sections 1
-and 4; the golden tests in ``tests/unit/test_celery_protocol.py`` compare against real Celery.
+``encode_meta``, ``decode_meta``). The wire rules are stated in ``docs/celery-compat.md``
+(task messages and result metas); the golden tests in
+``tests/unit/test_celery_protocol.py`` compare against real Celery.
 
 Deviations from Celery, on purpose:
 

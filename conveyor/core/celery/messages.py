@@ -2,8 +2,8 @@
 (``parse_envelope``, ``peek``).
 
 Part of :mod:`conveyor.core.celery` (the Celery 5.x wire formats, whose docstring lists the
-deliberate deviations from Celery); import the names from there. The normative description
-is ``celery-wire.md`` section 1.
+deliberate deviations from Celery); import the names from there. The wire rules it follows
+is ``docs/celery-compat.md`` (#task-messages).
 
 Thread-safety: pure functions of their arguments (plus the registry passed in); safe from any
 thread.
@@ -192,8 +192,9 @@ def build_envelope(
 ) -> Envelope:
     """Encode ``msg`` as the protocol v2 message Celery 5.7 sends.
 
-    Headers carry every key of celery-wire 1.2 (null when unused), then ``msg.headers``, then
-    ``compression`` when compressed. The body is ``[args, kwargs, embed]``.
+    Headers carry every key of ``docs/celery-compat.md#protocol-v2-headers`` (null when
+    unused), then ``msg.headers``, then ``compression`` when compressed. The body is
+    ``[args, kwargs, embed]``.
 
     Args:
         msg: the task message.

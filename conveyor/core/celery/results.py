@@ -1,8 +1,8 @@
 """Celery result metas: records to and from Celery's result document, its serialized and
 compressed forms, exception documents, and group/chord result layouts.
 
-Part of :mod:`conveyor.core.celery`; import the names from there. The normative description
-is ``celery-wire.md`` section 4.
+Part of :mod:`conveyor.core.celery`; import the names from there. The wire rules it follows
+is ``docs/celery-compat.md`` (#result-meta-document).
 
 Thread-safety: pure functions of their arguments (plus the registry passed in); safe from any
 thread.
@@ -55,7 +55,7 @@ def result_tuple(task_id: str, parent: Any = None) -> list[Any]:
 
 
 def meta_from_record(record: ResultRecord, *, include_task_id: bool = True) -> dict[str, Any]:
-    """Celery's result meta document for ``record`` (celery-wire 4.2).
+    """Celery's result meta document for ``record`` (docs/celery-compat.md#result-meta-document).
 
     Key order follows Celery's, so JSON encodings are byte-identical: ``status``, ``result``,
     ``traceback``, ``children``, ``date_done``, then ``group_id``/``parent_id`` when set, the

@@ -46,7 +46,7 @@ Thread-safety:
     anywhere. Because the I/O thread never runs user code, AMQP heartbeats keep flowing while
     tasks run. Never share an instance across ``fork()``.
 
-How it works (``docs/backends/amqp.md`` has the details):
+How it works (``docs/stores/amqp.md`` has the details):
 
 * **Declarations equal Celery's defaults**: queue ``q`` is durable, non-exclusive,
   non-auto-delete, no arguments; exchange ``q`` is direct and durable; binding key ``q``.

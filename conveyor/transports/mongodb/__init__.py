@@ -51,7 +51,7 @@ Thread-safety:
     settled receipts) is guarded by a lock. PyMongo clients are not fork-safe: build a new
     broker in each process (never share one across ``fork()``).
 
-How it works (``docs/backends/mongodb.md`` has the document layout):
+How it works (``docs/stores/mongodb.md`` has the document layout):
 
 * One collection, ``conveyor_messages``. A message document has ``queue``, ``state``
   (``ready`` or ``delayed``), ``priority``, ``due``, ``lease_owner``, ``lease_expires``,

@@ -54,7 +54,7 @@ Thread-safety:
     bookkeeping (held leases, settled receipts) is guarded by a lock. Never share an instance
     across ``fork()``: build one per process.
 
-Key layout (``docs/backends/redis.md`` has the full table; ``P`` = ``global_keyprefix``):
+Key layout (``docs/stores/redis.md`` has the full table; ``P`` = ``global_keyprefix``):
 
 * kombu's, so Celery 5.x clients and workers interoperate: ready list ``P<queue>`` (priority
   step 0) and ``P<queue>\\x06\\x16<step>`` for the other steps; producers ``LPUSH``, consumers

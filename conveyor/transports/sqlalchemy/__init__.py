@@ -49,7 +49,7 @@ Thread-safety:
     SQLite ``:memory:`` uses one connection for every thread (the only way they see one
     database) and serialises on it.
 
-How it works (``docs/backends/sql.md`` has the full table layout):
+How it works (``docs/stores/sql.md`` has the full table layout):
 
 * One table, ``conveyor_message``. Rows are deleted by ``ack`` (kombu's SQL transport never
   deletes rows and never redelivers after a crash; this one does both).

@@ -1,6 +1,6 @@
 """The result backend conformance suite against MongoDBResultBackend.
 
-Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/mongosupport.py``). Every ``make()`` builds a
+Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/support/mongo.py``). Every ``make()`` builds a
 new client on the same database. The TTL monitor of MongoDB (and of SecantusDB) runs about
 once a minute, so the expiry tests here prove the read-side rule (an expired document is
 never returned); ``tests/backends/test_mongodb_backend.py`` proves the TTL index on a
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytest
-from mongosupport import is_real_mongodb, mongodb_url  # noqa: F401 - fixture
+from support.mongo import is_real_mongodb, mongodb_url  # noqa: F401 - fixture
 
 from conveyor.backends.mongodb import MongoDBResultBackend
 from conveyor.testing.result_backend import ResultBackendConformance

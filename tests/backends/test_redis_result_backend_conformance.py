@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from redissupport import REDIS_URL, require_redis
+from support.redis import REDIS_URL, require_redis
 
 from conveyor.backends.redis import RedisResultBackend
 from conveyor.testing.result_backend import MakeResultBackend, ResultBackendConformance

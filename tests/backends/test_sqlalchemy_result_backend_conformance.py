@@ -1,5 +1,5 @@
 """The result backend conformance suite against SQLAlchemyResultBackend on every selected
-database (``tests/sqlsupport.py``: SQLite file and ``:memory:``, PostgreSQL, MariaDB).
+database (``tests/support/sql.py``: SQLite file and ``:memory:``, PostgreSQL, MariaDB).
 
 Every ``make()`` builds a new client with its own engine, except on ``:memory:``, where the
 clients share one engine because that is the only way they share one database.
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlsupport import SqlTarget, sql_target  # noqa: F401 - fixture
+from support.sql import SqlTarget, sql_target  # noqa: F401 - fixture
 
 from conveyor.backends.sqlalchemy import (
     SQLAlchemyResultBackend,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytest
-from amqpsupport import UNREACHABLE_AMQP_URL, QueueJanitor, amqp_url, janitor  # noqa: F401
+from support.amqp import UNREACHABLE_AMQP_URL, QueueJanitor, amqp_url, janitor  # noqa: F401
 
 from conveyor.testing.broker import BrokerConformance, BrokerFactory
 from conveyor.testing.processes import ProcessRecipe

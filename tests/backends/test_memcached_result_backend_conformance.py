@@ -1,6 +1,6 @@
 """The result backend conformance suite against MemcachedResultBackend.
 
-Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/memcachedsupport.py``). Memcached counts
+Server: ``CONVEYOR_TEST_MEMCACHED_URL`` (``tests/support/memcached.py``). Memcached counts
 expiry in whole seconds on a clock that ticks once a second; the backend stores ``ceil(ttl)
 + 1`` so nothing vanishes early, hence an entry may outlive its ttl by up to two seconds
 (``expiry_tolerance``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytest
-from memcachedsupport import memcached_url  # noqa: F401 - fixture
+from support.memcached import memcached_url  # noqa: F401 - fixture
 
 from conveyor.backends.memcached import MemcachedResultBackend
 from conveyor.testing.result_backend import ResultBackendConformance

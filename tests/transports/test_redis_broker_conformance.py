@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from redissupport import REDIS_URL, closed_port_url, delete_keys, require_redis
+from support.redis import REDIS_URL, closed_port_url, delete_keys, require_redis
 
 from conveyor.testing.broker import BrokerConformance, BrokerFactory
 from conveyor.testing.processes import ProcessRecipe

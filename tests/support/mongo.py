@@ -2,7 +2,7 @@
 
 * ``CONVEYOR_TEST_MONGODB_URL`` (default ``mongodb://127.0.0.1:27017/conveyor_test``): the
   shared server, started by ``scripts/services.sh ensure mongodb`` (SecantusDB, a
-  MongoDB-protocol test server, see ``docs/backends/mongodb.md``) or a real MongoDB. A
+  MongoDB-protocol test server, see ``docs/stores/mongodb.md``) or a real MongoDB. A
   server that does not answer is :func:`service_unavailable`: skipped locally, a failure
   under ``CI=true`` / ``CONVEYOR_REQUIRE_SERVICES=1``.
 * :func:`private_secantus`: a SecantusDB of our own on a free port with a 1 s TTL sweep, for
@@ -173,7 +173,7 @@ def private_secantus() -> Iterator[str]:
             proc.wait(timeout=5)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python tests/mongosupport.py`
+if __name__ == "__main__":  # pragma: no cover - `python tests/support/mongo.py`
     description, error = _shared_server()
     print(description or f"not reachable: {error}")
     sys.exit(0 if description else 1)

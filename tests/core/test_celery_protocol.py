@@ -3,7 +3,7 @@
 Messages come from ``app.amqp.as_task_v2`` and from ``send_task`` through kombu's in-memory
 transport (the same JSON envelope the Redis transport stores); results come from Celery's own
 key-value backend code. Committed fixtures (``fixtures/``) pin captured bytes, including the
-verified Redis envelope of celery-wire.md 2.2.
+verified Redis envelope (docs/celery-compat.md#kombu-envelope-on-redis).
 """
 
 from __future__ import annotations

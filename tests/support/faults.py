@@ -668,7 +668,7 @@ def amqp_shared_lock(name: str) -> Iterator[None]:
     if name != "amqp":
         yield
         return
-    from amqpsupport import server_lock
+    from support.amqp import server_lock
 
     with server_lock():
         yield

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from amqpsupport import amqp_url  # noqa: F401
+from support.amqp import amqp_url  # noqa: F401
 
 from conveyor.backends.rpc import RPCResultBackend
 from conveyor.core.errors import ConveyorError

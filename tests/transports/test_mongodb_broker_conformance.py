@@ -1,6 +1,6 @@
 """The broker conformance suite against MongoDBBroker.
 
-Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/mongosupport.py``): SecantusDB from
+Server: ``CONVEYOR_TEST_MONGODB_URL`` (``tests/support/mongo.py``): SecantusDB from
 ``scripts/services.sh`` by default, or a real MongoDB. Every ``make_broker()`` builds a new
 broker with its own ``MongoClient``, as a second worker process would.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import pytest
-from mongosupport import (  # noqa: F401 - fixture
+from support.mongo import (  # noqa: F401 - fixture
     is_real_mongodb,
     mongodb_url,
     unreachable_mongodb_url,

@@ -1,6 +1,6 @@
 """The broker conformance suite against SQLAlchemyBroker on every selected database.
 
-Databases: see ``tests/sqlsupport.py`` (SQLite file, SQLite ``:memory:``, PostgreSQL,
+Databases: see ``tests/support/sql.py`` (SQLite file, SQLite ``:memory:``, PostgreSQL,
 MariaDB). Every ``make_broker()`` call builds a new broker with its own engine (as a second
 worker process would), except on ``:memory:``, where the brokers share one engine because
 that is the only way they can share one database.
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlsupport import SqlTarget, sql_target  # noqa: F401 - fixture
+from support.sql import SqlTarget, sql_target  # noqa: F401 - fixture
 
 from conveyor.core.options import build_options
 from conveyor.testing.broker import BrokerConformance, BrokerFactory
