@@ -63,8 +63,8 @@ class EngineSettings:
 
 
 def engine_settings(options: Any) -> EngineSettings:
-    """The :class:`EngineSettings` of a broker's or result backend's options: the fields of
-    the same names (both option classes declare every one of them)."""
+    """The :class:`EngineSettings` of a broker's or result backend's options (both option
+    classes inherit these fields from it)."""
     return EngineSettings(**{f.name: getattr(options, f.name) for f in fields(EngineSettings)})
 
 

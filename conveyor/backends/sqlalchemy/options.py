@@ -18,7 +18,7 @@ __all__ = ["OPTION_NAMES", "SQLAlchemyResultBackendOptions"]
 
 
 @dataclass(frozen=True)
-class SQLAlchemyResultBackendOptions:
+class SQLAlchemyResultBackendOptions(EngineSettings):
     """Options of :class:`SQLAlchemyResultBackend` (seconds as float).
 
     Attributes:
@@ -45,14 +45,6 @@ class SQLAlchemyResultBackendOptions:
     schema: str | None = None
     create_tables: bool = True
     max_retries: int = 10
-    pool_size: int | None = None
-    max_overflow: int | None = None
-    pool_timeout: float | None = None
-    pool_recycle: float | None = 3600.0
-    connect_timeout: float | None = 10.0
-    operation_timeout: float | None = 30.0
-    sqlite_synchronous: str = "NORMAL"
-    echo: bool = False
 
     def __post_init__(self) -> None:
         check_default_ttl(self.default_ttl)
@@ -64,6 +56,7 @@ class SQLAlchemyResultBackendOptions:
             sql_identifier(self.schema, "schema")
 
     def engine_settings(self) -> EngineSettings:
+        """The engine knobs alone (inherited from :class:`EngineSettings`)."""
         return engine_settings(self)
 
 

@@ -12,7 +12,7 @@ __all__ = ["OPTION_NAMES", "SQLAlchemyBrokerOptions"]
 
 
 @dataclass(frozen=True)
-class SQLAlchemyBrokerOptions:
+class SQLAlchemyBrokerOptions(EngineSettings):
     """Options of :class:`SQLAlchemyBroker` (seconds as float).
 
     Attributes:
@@ -53,14 +53,6 @@ class SQLAlchemyBrokerOptions:
     schema: str | None = None
     create_tables: bool = True
     max_retries: int = 10
-    pool_size: int | None = None
-    max_overflow: int | None = None
-    pool_timeout: float | None = None
-    pool_recycle: float | None = 3600.0
-    connect_timeout: float | None = 10.0
-    operation_timeout: float | None = 30.0
-    sqlite_synchronous: str = "NORMAL"
-    echo: bool = False
     async_settle: bool = True
     notify: bool = True
 
@@ -80,6 +72,7 @@ class SQLAlchemyBrokerOptions:
             sql_identifier(self.schema, "schema")
 
     def engine_settings(self) -> EngineSettings:
+        """The engine knobs alone (inherited from :class:`EngineSettings`)."""
         return engine_settings(self)
 
 
