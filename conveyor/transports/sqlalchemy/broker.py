@@ -218,32 +218,22 @@ class SQLAlchemyBroker(BrokerBase):
         self._sql_ack = sa.delete(t).where(guard)
         self._sql_exists = sa.select(t.c.id).where(t.c.id == sa.bindparam("row_id"))
         self._sql_requeue = sa.update(t).where(guard).values(lease_owner=None, lease_expires=0.0)
-        self._sql_dead = (
-            sa.update(t)
-            .where(guard)
-            .values(
-                queue=sa.bindparam("dead_queue"),
-                lease_owner=None,
-                lease_expires=0.0,
-                delayed=False,
-                delivery_count=0,
-                dead_from=sa.bindparam("dead_from"),
-                dead_reason=sa.bindparam("dead_reason"),
-                dead_at=now,
-            )
-        )
+        dead_values = {
+            "queue": sa.bindparam("dead_queue"),
+            "lease_owner": None,
+            "lease_expires": 0.0,
+            "delayed": False,
+            "delivery_count": 0,
+            "dead_from": sa.bindparam("dead_from"),
+            "dead_reason": sa.bindparam("dead_reason"),
+            "dead_at": now,
+        }
+        self._sql_dead = sa.update(t).where(guard).values(**dead_values)
         self._sql_dead_raw = (
             sa.update(t)
             .where(guard)
             .values(
-                queue=sa.bindparam("dead_queue"),
-                lease_owner=None,
-                lease_expires=0.0,
-                delayed=False,
-                delivery_count=0,
-                dead_from=sa.bindparam("dead_from"),
-                dead_reason=sa.bindparam("dead_reason"),
-                dead_at=now,
+                **dead_values,
                 **{c: sa.bindparam(f"raw_{c}", type_=t.c[c].type) for c in _STAND_IN},
             )
         )
