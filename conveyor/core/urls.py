@@ -108,7 +108,7 @@ PUBLIC_OPTIONS = frozenset(
         "contention_timeout", "counter_collection", "counter_table", "create_indexes",
         "create_tables", "database", "dead_letter", "default_ttl", "delivery_limit", "echo",
         "group_table", "groupmeta_collection", "health_check_interval", "heartbeat",
-        "lease_seconds", "master_name", "max_cached", "max_connections", "max_overflow",
+        "lease_seconds", "master_name", "max_cached", "max_connections", "max_message_size", "max_overflow",
         "max_poll_interval", "max_pool_size", "max_priority", "max_retries",
         "max_retry_interval", "notify", "operation_timeout", "persistent", "poll_interval",
         "pool_recycle", "pool_size", "pool_timeout", "prefetch_count", "priority_steps",
