@@ -221,13 +221,18 @@ def _parse_servers(url: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
     location, _, query_text = rest.partition("?")
     servers: list[tuple[str, int]] = []
     query: dict[str, str] = {}
-    for item in location.replace(",", ";").split(";"):
+    for index, item in enumerate(location.replace(",", ";").split(";"), 1):
         item = item.strip().rstrip("/")
         if not item:
             continue
         if "/" in item:  # the item itself is not shown: it may hold credentials
             raise InvalidURL(f"{mask_url(url)!r}: memcached URLs have no path")
-        parsed = parse_url(f"memcached://{item}/", default_port=_DEFAULT_PORT)
+        try:
+            parsed = parse_url(f"memcached://{item}/", default_port=_DEFAULT_PORT)
+        except InvalidURL:  # its text quotes the item, which may be part of a password
+            raise InvalidURL(
+                f"{mask_url(url)!r}: server {index} is not host[:port] (a port is a number 1-65535)"
+            ) from None
         if parsed.password is not None or parsed.username is not None:
             raise ConfigurationError(
                 f"{mask_url(url)!r}: memcached's text protocol has no authentication; "
