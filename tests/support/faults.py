@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-FAULTS_DIR = Path(__file__).resolve().parent / "faults"
+REPO = Path(__file__).resolve().parents[2]
+FAULTS_DIR = Path(__file__).resolve().parents[1] / "faults"
 
 __all__ = [
     "FAULTS_DIR",
