@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from support.faults import (
     REDIS_URL,
     _port_of,
     record_figures,
+    stop_process_groups,
     wait_port,
 )
 
@@ -497,18 +497,7 @@ class CliWorker:
         return "\n".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30.0
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_groups(self.procs, 30.0)
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -376,18 +376,7 @@ class WorkerProcs:
         self.kills += 1
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15.0
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_groups(self.procs, 15.0)
 
     def logs(self) -> str:
         return "\n".join(
@@ -690,3 +679,20 @@ def cleanup_queue(broker_url: str, queue: str) -> None:
                     broker.purge(broker.dead_letter_queue(queue))
         finally:
             broker.close()
+
+
+def stop_process_groups(procs: list[subprocess.Popen[Any]], grace: float) -> None:
+    """SIGTERM the process group of each process still running (a warm shutdown), wait up
+    to ``grace`` seconds in all, then SIGKILL the groups that are left."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
