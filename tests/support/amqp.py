@@ -31,6 +31,7 @@ import pytest
 from conveyor.core.errors import ConveyorError
 from conveyor.testing.support import requirement_missing, service_unavailable
 from conveyor.transports.amqp import AMQPBroker, parse_amqp_url
+from support.processes import terminating as _terminating
 
 __all__ = [
     "AMQP_URL",
@@ -100,21 +101,6 @@ def amqp_url() -> Iterator[str]:
         yield require_amqp()
 
 
-@contextlib.contextmanager
-def terminating(proc: subprocess.Popen[bytes], grace: float = 10.0) -> Iterator[None]:
-    """Always end ``proc`` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
-    try:
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(grace)
-
-
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``rabbitmqctl`` (skips the test when it is not installed or not permitted)."""
     exe = shutil.which("rabbitmqctl")
@@ -173,3 +159,10 @@ def make_amqp_broker(janitor: QueueJanitor) -> Callable[..., AMQPBroker]:
         return janitor.track(AMQPBroker.from_url(url or janitor.url, **options))
 
     return make
+
+
+def terminating(
+    proc: subprocess.Popen[bytes], grace: float = 10.0
+) -> contextlib.AbstractContextManager[None]:
+    """:func:`support.processes.terminating`, with a RabbitMQ-sized grace period."""
+    return _terminating(proc, grace)

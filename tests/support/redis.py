@@ -9,19 +9,18 @@ pytest-xdist against that one database. A missing server skips locally and fails
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
 from conveyor.testing.support import service_unavailable
+from support.processes import terminating as terminating  # re-exported
 
 REDIS_URL = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
@@ -73,21 +72,6 @@ def redis_server_binary(name: str = "redis-server") -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
-
-
-@contextlib.contextmanager
-def terminating(proc: subprocess.Popen[bytes], grace: float = 5.0) -> Iterator[None]:
-    """Always end ``proc`` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
-    try:
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(grace)
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
